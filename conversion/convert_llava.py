@@ -1,0 +1,265 @@
+"""Turn a llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoint into a Hub-ready sparse-llava folder.
+
+    python conversion/convert_llava.py --base llava-hf/llava-1.5-7b-hf --method dynamic-llava --output out/ \
+        [--set vision_keep_ratio=0.2 --set text_sparsification=true] [--overwrite]
+
+`--base` is a local folder or a Hub repo id. The output folder gets the weights (the base weights unchanged, the
+method's new modules initialised from a fixed seed), `config.json` with an `auto_map` for `AutoConfig`,
+`AutoModelForImageTextToText` and `AutoModelForVision2Seq`, the flat code files, `generation_config.json`, the
+processor/tokenizer files when the base has them, and a model card. The folder is written next to its final place
+and renamed into it only when complete, so a failure leaves nothing half-written.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script from a source checkout: make the `sparse_llava` package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sparse_llava  # noqa: E402
+
+
+class ConversionError(ValueError):
+    """Bad input for a conversion (the message names the problem)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type
+    model_class: type
+    modeling_module: str  # the flat file holding `model_class`
+    card_template: str  # file in hub_cards/
+
+
+METHODS = {
+    "dynamic-llava": Method(
+        name="dynamic-llava",
+        config_class=sparse_llava.DynamicLlavaConfig,
+        model_class=sparse_llava.DynamicLlavaForConditionalGeneration,
+        modeling_module="modeling_dynamic_llava",
+        card_template="dynamic_llava.md",
+    ),
+}
+
+# Files a llava-hf repo carries for its processor and tokenizer; copied as they are.
+PROCESSOR_FILES = [
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+]
+
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def hub_code_files(modeling_module: str) -> list[Path]:
+    """The flat code files a converted folder needs: `modeling_module` and everything it imports relatively."""
+    folders = [Path(folder) for folder in sparse_llava.__path__]
+    found: dict[str, Path] = {}
+    pending = [modeling_module]
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        path = next((folder / f"{name}.py" for folder in folders if (folder / f"{name}.py").is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"code file {name}.py not found in {folders}")
+        found[name] = path
+        pending.extend(_RELATIVE_IMPORT.findall(path.read_text()))
+    return sorted(found.values())
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["key=json", ...]` -> dict; a value that is not JSON is taken as a plain string."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConversionError(f"bad --set {pair!r}: expected KEY=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def convert(
+    base: str,
+    method: str,
+    output,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    revision: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """
+    Convert the LLaVA checkpoint `base` (local folder or Hub id) into `method` and write it to `output`.
+
+    Returns the output folder. Raises `ConversionError` on bad input, leaving `output` untouched.
+    """
+    from transformers import AutoConfig
+
+    def step(message):
+        if progress:
+            print(f"[convert] {message}", file=sys.stderr, flush=True)
+
+    if method not in METHODS:
+        raise ConversionError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {output} is not empty; pass --overwrite to replace it")
+
+    step(f"reading the base config from {base}")
+    try:
+        base_config = AutoConfig.from_pretrained(base, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
+
+    overrides = dict(overrides or {})
+    known_fields = {field.name for field in dataclasses.fields(spec.config_class)}
+    unknown = sorted(set(overrides) - known_fields)
+    if unknown:
+        raise ConversionError(f"unknown setting(s) for {method}: {', '.join(unknown)}")
+    try:
+        config = spec.config_class.from_base_config(base_config, **overrides)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(_first_line(error)) from None
+
+    step(f"loading the base weights into {spec.model_class.__name__}")
+    model, loading_info = spec.model_class.from_pretrained(
+        base, config=config, revision=revision, output_loading_info=True
+    )
+    new_prefixes = tuple(f"{name}." for name in model.new_module_names)
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(new_prefixes))
+    unexpected = sorted(loading_info["unexpected_keys"])
+    if missing or unexpected or loading_info.get("mismatched_keys"):
+        raise ConversionError(
+            f"{base} does not match a {base_config.model_type} checkpoint: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mismatched {list(loading_info.get('mismatched_keys', []))[:5]}"
+        )
+    _initialise_new_modules(model, seed)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        step(f"writing weights, config and code to a staging folder next to {output}")
+        model.config.auto_map = {
+            "AutoConfig": f"{spec.config_class.__module__.rsplit('.', 1)[-1]}.{spec.config_class.__name__}",
+            "AutoModelForImageTextToText": f"{spec.modeling_module}.{spec.model_class.__name__}",
+            "AutoModelForVision2Seq": f"{spec.modeling_module}.{spec.model_class.__name__}",
+        }
+        model.save_pretrained(staging, max_shard_size="5GB")
+        for code_file in hub_code_files(spec.modeling_module):
+            shutil.copy2(code_file, staging / code_file.name)
+        _copy_processor_files(base, revision, staging)
+        _write_model_card(spec, base, config, staging)
+        step(f"moving the result into {output}")
+        _replace_folder(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    step("done")
+    return output
+
+
+def _initialise_new_modules(model, seed: int) -> None:
+    """Initialise the method's new modules from `seed`, so a conversion is reproducible."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in model.new_module_names:
+            model.get_submodule(name).apply(model._init_weights)
+
+
+def _copy_processor_files(base: str, revision: str | None, destination: Path) -> None:
+    source = Path(base)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(base, revision=revision, allow_patterns=PROCESSOR_FILES))
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+
+
+def _write_model_card(spec: Method, base: str, config, destination: Path) -> None:
+    template_dir = next(
+        (Path(folder).parent / "hub_cards" for folder in sparse_llava.__path__
+         if (Path(folder).parent / "hub_cards" / spec.card_template).is_file()),
+        None,
+    )
+    settings = {field: getattr(config, field) for field in _method_fields(spec.config_class)}
+    settings_text = "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in settings.items())
+    if template_dir is None:
+        card = f"# {spec.name} conversion of {base}\n\n{settings_text}\n"
+    else:
+        card = (template_dir / spec.card_template).read_text().format(
+            base_model=base, settings=settings_text, base_model_type=config.base_model_type
+        )
+    (destination / "README.md").write_text(card)
+
+
+def _method_fields(config_class) -> list[str]:
+    base_fields = {field.name for field in dataclasses.fields(sparse_llava.SparseLlavaConfig)}
+    return [field.name for field in dataclasses.fields(config_class) if field.name not in base_fields]
+
+
+def _replace_folder(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Convert a llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoint into a sparse-llava model folder."
+    )
+    parser.add_argument("--base", required=True, help="local folder or Hub repo id of the base checkpoint")
+    parser.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field; VALUE is JSON (e.g. --set vision_keep_ratio=1.0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the method's new weights (default 0)")
+    parser.add_argument("--revision", default=None, help="revision of a Hub base checkpoint")
+    args = parser.parse_args(argv)
+    try:
+        convert(args.base, args.method, args.output, parse_overrides(args.overrides), args.overwrite, args.seed,
+                args.revision)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The shared base of sparse-llava: a LLaVA / LLaVA-NeXT whose language model may drop tokens.
+
+It owns what the three methods share:
+
+* the vision tower, projector and merge of image features into the sequence, reused from transformers'
+  `LlavaModel` / `LlavaNextModel` (so checkpoints keep their llava-hf layout);
+* the bookkeeping of which positions are image tokens, and of which image;
+* a decoder loop over transformers' own Llama layers that lets a method shorten the token stream between layers
+  (kept tokens keep their original position ids, so RoPE sees original positions);
+* per-layer attention masks built from the [`SparseCache`]'s per-row validity, so ragged rows and padding are exact.
+
+A method subclasses [`SparseLlavaForConditionalGeneration`] and overrides `before_layer` (and, where it changes
+what a layer computes, `run_layer`).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, LlavaModel, LlavaNextModel, PreTrainedModel
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import ModelOutput
+
+from .cache_sparse_llava import SparseCache
+from .configuration_sparse_llava import SparseLlavaConfig
+
+
+@dataclass
+class SparseLlavaOutput(ModelOutput):
+    """
+    Output of sparse-llava models.
+
+    Args:
+        loss: language-modelling loss, when `labels` are given.
+        logits: `[batch, sequence, vocab]` for the positions of the input (those a method dropped get zeros).
+        past_key_values: the [`SparseCache`], when `use_cache`.
+        image_hidden_states: projected image features, one row per image token (all images concatenated).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: SparseCache | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class TokenStream:
+    """
+    The tokens of the current chunk as a decoder layer sees them: `[batch, slots, ...]`, rows right-aligned.
+
+    After a method drops tokens, rows may keep different numbers of them; the shorter rows are left-filled with
+    invalid slots (`valid` False), which attention never reads.
+    """
+
+    hidden_states: torch.Tensor  # [batch, slots, hidden]
+    position_ids: torch.Tensor  # [batch, slots] original positions
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # RoPE (cos, sin) at those positions
+    valid: torch.Tensor  # [batch, slots] bool: slot holds a real token
+    source_index: torch.Tensor  # [batch, slots] column of the model input the slot came from
+    image_index: torch.Tensor  # [batch, slots] which image (global index, in input order) or -1 for text
+    image_lengths: tuple[int, ...]  # number of tokens of each image, in input order
+    logical_length: int  # number of input tokens this chunk stands for
+    shortened: bool = False  # whether a method dropped tokens from the chunk
+
+    @property
+    def has_images(self) -> bool:
+        return len(self.image_lengths) > 0
+
+    @property
+    def is_image(self) -> torch.Tensor:
+        return self.image_index >= 0
+
+    def select(self, keep: torch.Tensor) -> "TokenStream":
+        """
+        Keep the slots where `keep[batch, slots]` is True (invalid slots are always dropped), right-aligned.
+
+        The new width is the largest kept count, which is read on the host: call this at prefill, not per decode step.
+        """
+        keep = keep & self.valid
+        kept_per_row = keep.sum(-1)
+        width = int(kept_per_row.max())
+        if width == keep.shape[1] and bool(keep.all()):
+            return self
+        # A stable sort puts the dropped slots first and the kept ones last, each in their original order.
+        order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)[:, keep.shape[1] - width :]
+        cos, sin = self.position_embeddings
+        return replace(
+            self,
+            hidden_states=_gather_slots(self.hidden_states, order),
+            position_ids=self.position_ids.gather(1, order),
+            position_embeddings=(_gather_slots(cos, order), _gather_slots(sin, order)),
+            valid=keep.gather(1, order),
+            source_index=self.source_index.gather(1, order),
+            image_index=self.image_index.gather(1, order),
+            shortened=True,
+        )
+
+
+def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+
+
+def image_index_map(special_image_mask: torch.Tensor, image_lengths: list[int]) -> torch.Tensor:
+    """
+    `[batch, seq]` index of the image each image-token position belongs to, -1 elsewhere.
+
+    transformers merges image features with `masked_scatter`, which fills the image positions in row-major order,
+    image after image; the n-th image position therefore belongs to the image whose token range contains n.
+    """
+    flat = special_image_mask.flatten()
+    rank = flat.cumsum(0) - 1
+    ends = torch.tensor(image_lengths, device=flat.device).cumsum(0)
+    index = torch.searchsorted(ends, rank, right=True)
+    return torch.where(flat, index, -1).view_as(special_image_mask)
+
+
+class SparseLlavaPreTrainedModel(PreTrainedModel):
+    config: SparseLlavaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Checkpoints of llava-hf repos (and ours, which keep that layout) name weights `language_model.model.*`,
+        # `vision_tower.*`, ...; transformers renames them on load only for classes it knows, so teach it ours.
+        register_checkpoint_conversion_mapping(
+            cls.__name__, get_checkpoint_conversion_mapping("llava_next"), overwrite=True
+        )
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, LlavaNextModel):
+            module.image_newline.normal_(mean=0.0, std=self.config.text_config.hidden_size**-0.5)
+        else:
+            super()._init_weights(module)
+
+
+class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, GenerationMixin):
+    """
+    A LLaVA-1.5 or LLaVA-NeXT model (chosen by `config.base_model_type`) whose decoder loop lets a method drop
+    tokens between layers. With nothing dropped it computes exactly what transformers' LLaVA computes.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Sub-modules a method adds to the base LLaVA (a base checkpoint has no weights for them).
+    new_module_names: tuple[str, ...] = ()
+
+    def __init__(self, config: SparseLlavaConfig):
+        super().__init__(config)
+        base_class = LlavaNextModel if config.base_model_type == "llava_next" else LlavaModel
+        self.model = base_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def new_cache(self) -> SparseCache:
+        """The cache `generate()` creates for this model."""
+        return SparseCache(config=self.config)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() would create a DynamicCache, which cannot hold ragged layers; create ours instead.
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
+            model_kwargs["past_key_values"] = self.new_cache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward, top to bottom: embed text and images, run the decoder layers, predict.
+    # ----------------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: SparseCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> SparseLlavaOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        for unsupported in ("output_attentions", "output_hidden_states"):
+            if kwargs.pop(unsupported, False):
+                raise NotImplementedError(f"{unsupported}=True is not supported by sparse-llava models")
+
+        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if past_key_values is not None and not isinstance(past_key_values, SparseCache):
+            raise TypeError(
+                f"sparse-llava models need a SparseCache (layers hold different numbers of tokens), got "
+                f"{type(past_key_values).__name__}; pass none and one is created, or pass model.new_cache()"
+            )
+        if not use_cache:
+            past_key_values = None
+
+        inputs_embeds, image_index, image_lengths, image_features = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
+        )
+        stream = self.make_stream(inputs_embeds, attention_mask, position_ids, past_key_values, image_index,
+                                  image_lengths)
+        stream = self.run_decoder(stream, past_key_values, **kwargs)
+        hidden_states = self.language_model.norm(stream.hidden_states)
+        hidden_states = self.restore_input_positions(hidden_states, stream, inputs_embeds.shape[1])
+
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return SparseLlavaOutput(
+            loss=loss, logits=logits, past_key_values=past_key_values, image_hidden_states=image_features
+        )
+
+    def embed_inputs(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
+    ):
+        """Embed the text and scatter the projected image features into the image-token positions."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        no_image = torch.full((batch_size, seq_len), -1, dtype=torch.long, device=inputs_embeds.device)
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return inputs_embeds, no_image, (), None
+
+        image_kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
+        per_image = self.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **image_kwargs,
+        ).pooler_output
+        image_lengths = tuple(feature.shape[0] for feature in per_image)
+        image_features = torch.cat(list(per_image), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        special_image_mask = self.model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=image_features
+        )
+        inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
+        image_index = image_index_map(special_image_mask[..., 0], list(image_lengths))
+        return inputs_embeds, image_index, image_lengths, image_features
+
+    def make_stream(self, inputs_embeds, attention_mask, position_ids, cache, image_index, image_lengths):
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            # As transformers' LlamaModel: consecutive positions after what the cache has seen.
+            position_ids = torch.arange(past_seen, past_seen + seq_len, device=device).unsqueeze(0)
+        position_ids = position_ids.expand(batch_size, -1)
+        if attention_mask is None:
+            valid = torch.ones((batch_size, seq_len), dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2:
+                raise ValueError("sparse-llava models take a 2-D attention_mask [batch, past + sequence]")
+            valid = attention_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        return TokenStream(
+            hidden_states=inputs_embeds,
+            position_ids=position_ids,
+            position_embeddings=self.language_model.rotary_emb(inputs_embeds, position_ids),
+            valid=valid,
+            source_index=torch.arange(seq_len, device=device).expand(batch_size, -1),
+            image_index=image_index,
+            image_lengths=image_lengths,
+            logical_length=seq_len,
+        )
+
+    def run_decoder(self, stream: TokenStream, cache: SparseCache | None, **kwargs) -> TokenStream:
+        for layer_idx, decoder_layer in enumerate(self.language_model.layers):
+            stream = self.before_layer(layer_idx, stream, cache)
+            stream = replace(stream, hidden_states=self.run_layer(layer_idx, decoder_layer, stream, cache, **kwargs))
+        return stream
+
+    def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
+        """Where a method drops tokens: return the stream layer `layer_idx` runs on. The base drops nothing."""
+        return stream
+
+    def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        """Run one of transformers' decoder layers on the stream; returns its output hidden states."""
+        attention_mask = self.layer_attention_mask(layer_idx, stream, cache)
+        if cache is not None:
+            cache.set_incoming(stream.valid, stream.logical_length)
+        return decoder_layer(
+            stream.hidden_states,
+            attention_mask=attention_mask,
+            position_ids=stream.position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=stream.position_embeddings,
+            **kwargs,
+        )
+
+    def layer_attention_mask(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None):
+        """
+        The attention mask of one layer, in that layer's physical index space: the validity of the slots it holds,
+        then of the incoming chunk, made causal by transformers' mask utilities for the configured attention backend.
+        """
+        past_valid = cache.valid_slots(layer_idx) if cache is not None else None
+        slots_valid = stream.valid if past_valid is None else torch.cat([past_valid, stream.valid], dim=-1)
+        return create_causal_mask(
+            config=self.config.get_text_config(),
+            inputs_embeds=stream.hidden_states,
+            attention_mask=slots_valid,
+            past_key_values=cache,
+            layer_idx=layer_idx,
+            # Checking whether a mask can be skipped reads it on the host; only worth it for multi-token chunks.
+            allow_is_causal_skip=stream.hidden_states.shape[1] > 1,
+        )
+
+    @staticmethod
+    def restore_input_positions(hidden_states: torch.Tensor, stream: TokenStream, seq_len: int) -> torch.Tensor:
+        """Put each slot's output back at its input column; dropped positions get zeros."""
+        if not stream.shortened:
+            return hidden_states
+        batch_size, _, hidden_size = hidden_states.shape
+        # Invalid slots are written to an extra column that is cut off afterwards.
+        target = torch.where(stream.valid, stream.source_index, seq_len)
+        restored = hidden_states.new_zeros((batch_size, seq_len + 1, hidden_size))
+        restored.scatter_(1, target.unsqueeze(-1).expand(-1, -1, hidden_size), hidden_states)
+        return restored[:, :seq_len]

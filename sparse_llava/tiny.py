@@ -1,0 +1,142 @@
+"""Tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints, built with transformers' own classes, for the demo and the tests.
+
+They are written in the key layout of the llava-hf repos on the Hub (`language_model.model.*`,
+`language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`), which is what users download;
+`layout="flat"` keeps transformers 5.x's own `save_pretrained` layout (`vision_tower.embeddings.*`) instead.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
+
+IMAGE_SIZE = 8  # pixels; with patch 2 an image (or a NeXT tile) is 4 x 4 = 16 tokens
+PATCH_SIZE = 2
+VOCAB_SIZE = 99
+IMAGE_TOKEN_ID = VOCAB_SIZE - 1
+PAD_TOKEN_ID = 1
+
+
+def tiny_base_config(base: str = "llava", num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
+                     num_kv_heads: int = 2):
+    text_config = dict(
+        model_type="llama",
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=hidden_size * 2 + 3,
+        max_position_embeddings=1024,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision_config = dict(
+        model_type="clip_vision_model",
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=3,
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+    )
+    common = dict(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-1,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        pad_token_id=PAD_TOKEN_ID,
+    )
+    if base == "llava":
+        return LlavaConfig(**common)
+    if base == "llava_next":
+        # Base tile plus a 2x2 grid of tiles for a square image; wide/tall images get 1x2 / 2x1 grids.
+        pinpoints = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE], [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+        return LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+    raise ValueError(f"unknown base {base!r}")
+
+
+def build_tiny_llava(path, base: str = "llava", layout: str = "hub", seed: int = 0, **config_kwargs):
+    """Save a random tiny LLaVA (`base="llava"`) or LLaVA-NeXT (`base="llava_next"`) to `path`; return the model."""
+    torch.manual_seed(seed)
+    config = tiny_base_config(base, **config_kwargs)
+    model_class = LlavaForConditionalGeneration if base == "llava" else LlavaNextForConditionalGeneration
+    model = model_class(config).eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    if layout == "hub":
+        _nest_clip_tower(path)
+    elif layout != "flat":
+        raise ValueError(f"unknown layout {layout!r}")
+    return model
+
+
+def _nest_clip_tower(path: Path) -> None:
+    """Rewrite `vision_tower.<x>` keys as `vision_tower.vision_model.<x>`, the layout of the llava-hf Hub repos."""
+    weights_file = path / "model.safetensors"
+    tensors = load_file(weights_file)
+    renamed = {}
+    for key, tensor in tensors.items():
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+        renamed[key] = tensor
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+
+
+def tiny_inputs(base: str = "llava", batch_size: int = 2, text_before: int = 3, text_after: int = 5,
+                left_padding: list[int] | None = None, seed: int = 0, image_sizes=None):
+    """Random `input_ids` / `pixel_values` / `attention_mask` (/ `image_sizes`) with one image per row."""
+    generator = torch.Generator().manual_seed(seed)
+    left_padding = left_padding or [0] * batch_size
+    if base == "llava":
+        num_image_tokens = [(IMAGE_SIZE // PATCH_SIZE) ** 2] * batch_size
+        pixel_values = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        extra = {}
+    else:
+        image_sizes = image_sizes or [[IMAGE_SIZE * 2, IMAGE_SIZE * 2]] * batch_size
+        num_image_tokens = [next_image_tokens(size) for size in image_sizes]
+        pixel_values = torch.randn(batch_size, 5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        extra = {"image_sizes": torch.tensor(image_sizes)}
+    lengths = [p + text_before + n + text_after for p, n in zip(left_padding, num_image_tokens)]
+    width = max(lengths)
+    input_ids = torch.full((batch_size, width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for row, n in enumerate(num_image_tokens):
+        start = width - (text_before + n + text_after)
+        ids = torch.randint(4, VOCAB_SIZE - 1, (text_before + n + text_after,), generator=generator)
+        ids[text_before:text_before + n] = IMAGE_TOKEN_ID
+        input_ids[row, start:] = ids
+        attention_mask[row, start:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, **extra}
+
+
+def next_image_tokens(image_size) -> int:
+    """Number of image tokens transformers' LLaVA-NeXT produces for an image of `image_size` = (height, width)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    config = tiny_base_config("llava_next")
+    side = IMAGE_SIZE // PATCH_SIZE
+    rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, IMAGE_SIZE)
+    unpadded = unpad_image(torch.zeros(1, rows * side, cols * side), torch.tensor(image_size))
+    height, width = unpadded.shape[1:]
+    return side * side + height * (width + 1)
+
+
+def read_weight_names(path) -> list[str]:
+    """Names of the tensors stored in a checkpoint folder (single file or sharded)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(json.loads(index.read_text())["weight_map"])
+    return sorted(load_file(path / "model.safetensors"))
