@@ -8,7 +8,6 @@ parent; `image_grid_pinpoints` is simply unused for a LLaVA-1.5 base.
 
 from transformers import LlavaNextConfig
 
-
 SUPPORTED_BASE_MODEL_TYPES = ("llava", "llava_next")
 
 
@@ -47,8 +46,9 @@ class SparseLlavaConfig(LlavaNextConfig):
         fields = base_config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             fields.pop(key, None)
+        fields["base_model_type"] = base_model_type
         fields.update(method_kwargs)
-        return cls(base_model_type=base_model_type, **fields)
+        return cls(**fields)
 
 
 def check_ratio(name: str, value) -> None:

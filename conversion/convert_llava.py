@@ -144,9 +144,17 @@ def convert(
         raise ConversionError(_first_line(error)) from None
 
     step(f"loading the base weights into {spec.model_class.__name__}")
-    model, loading_info = spec.model_class.from_pretrained(
-        base, config=config, revision=revision, output_loading_info=True
-    )
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    # The load report would list the method's new modules as missing; that is expected and checked below.
+    transformers_logging.set_verbosity_error()
+    try:
+        model, loading_info = spec.model_class.from_pretrained(
+            base, config=config, revision=revision, output_loading_info=True
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     new_prefixes = tuple(f"{name}." for name in model.new_module_names)
     missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(new_prefixes))
     unexpected = sorted(loading_info["unexpected_keys"])
@@ -159,6 +167,7 @@ def convert(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         step(f"writing weights, config and code to a staging folder next to {output}")
         model.config.auto_map = {
@@ -202,19 +211,10 @@ def _copy_processor_files(base: str, revision: str | None, destination: Path) ->
 
 
 def _write_model_card(spec: Method, base: str, config, destination: Path) -> None:
-    template_dir = next(
-        (Path(folder).parent / "hub_cards" for folder in sparse_llava.__path__
-         if (Path(folder).parent / "hub_cards" / spec.card_template).is_file()),
-        None,
-    )
+    template = sparse_llava.resource_folder("hub_cards") / spec.card_template
     settings = {field: getattr(config, field) for field in _method_fields(spec.config_class)}
     settings_text = "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in settings.items())
-    if template_dir is None:
-        card = f"# {spec.name} conversion of {base}\n\n{settings_text}\n"
-    else:
-        card = (template_dir / spec.card_template).read_text().format(
-            base_model=base, settings=settings_text, base_model_type=config.base_model_type
-        )
+    card = template.read_text().format(base_model=base, settings=settings_text, base_model_type=config.base_model_type)
     (destination / "README.md").write_text(card)
 
 

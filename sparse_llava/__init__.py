@@ -10,29 +10,33 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
-def _code_folders() -> list[str]:
+def resource_folder(name: str) -> Path | None:
+    """A top-level folder of the repository (`modeling`, `hub_cards`, ...), wherever this package is installed."""
     here = Path(__file__).resolve().parent
-    folders = []
-    for name in ("configuration", "modeling", "conversion"):
-        # Installed wheel: the folders are shipped inside the package; source checkout: they sit beside it.
-        for candidate in (here / name, here.parent / name):
-            if candidate.is_dir():
-                folders.append(str(candidate))
-                break
-    return folders
+    # Installed wheel: the folders are shipped inside the package; source checkout: they sit beside it.
+    return next((folder for folder in (here / name, here.parent / name) if folder.is_dir()), None)
 
 
-__path__.extend(_code_folders())  # noqa: F821  (`__path__` is defined for packages)
-
-from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+__path__.extend(  # noqa: F821  (`__path__` is defined for packages)
+    str(resource_folder(name)) for name in ("configuration", "modeling", "conversion") if resource_folder(name)
+)
 
 from .cache_sparse_llava import SparseCache, SparseCacheLayer  # noqa: E402
 from .configuration_dynamic_llava import DynamicLlavaConfig  # noqa: E402
 from .configuration_sparse_llava import SparseLlavaConfig  # noqa: E402
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration  # noqa: E402
 
-AutoConfig.register(DynamicLlavaConfig.model_type, DynamicLlavaConfig, exist_ok=True)
-AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+
+def register_auto_classes() -> None:
+    """
+    Register the package's classes with `AutoConfig` / `AutoModelForImageTextToText`, so converted folders load
+    without `trust_remote_code` and use this installed code instead of the folder's copy. Not done on import: by
+    default a converted folder runs the code it carries, exactly as it does from the Hub.
+    """
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    AutoConfig.register(DynamicLlavaConfig.model_type, DynamicLlavaConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
 
 
 def convert(*args, **kwargs):
@@ -49,4 +53,5 @@ __all__ = [
     "SparseCacheLayer",
     "SparseLlavaConfig",
     "convert",
+    "register_auto_classes",
 ]

@@ -108,7 +108,7 @@ def tiny_inputs(base: str = "llava", batch_size: int = 2, text_before: int = 3, 
         num_image_tokens = [next_image_tokens(size) for size in image_sizes]
         pixel_values = torch.randn(batch_size, 5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
         extra = {"image_sizes": torch.tensor(image_sizes)}
-    lengths = [p + text_before + n + text_after for p, n in zip(left_padding, num_image_tokens)]
+    lengths = [p + text_before + n + text_after for p, n in zip(left_padding, num_image_tokens, strict=True)]
     width = max(lengths)
     input_ids = torch.full((batch_size, width), PAD_TOKEN_ID)
     attention_mask = torch.zeros((batch_size, width), dtype=torch.long)

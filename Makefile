@@ -1,0 +1,32 @@
+# sparse-llava: `make demo` installs and runs the built-in example, `make test` installs and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch requirement used when torch is not installed yet (e.g. `make test TORCH_SPEC=torch==2.13.0`).
+TORCH_SPEC ?= torch
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

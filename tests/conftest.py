@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints in the llava-hf layout, and their conversions."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sparse_llava  # noqa: E402
+from sparse_llava.tiny import build_tiny_llava  # noqa: E402
+
+# Small predictors keep the tiny models tiny; the structure is the paper's.
+SMALL_PREDICTOR = {"predictor_hidden_size": 32, "predictor_num_heads": 4, "predictor_intermediate_size": 64}
+DENSE_EQUIVALENT = {"vision_keep_ratio": 1.0, "text_sparsification": False}
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoints(tmp_path_factory):
+    """`{(base, layout): (folder, model)}` for base in llava / llava_next and layout hub / flat."""
+    root = tmp_path_factory.mktemp("bases")
+    checkpoints = {}
+    for base in ("llava", "llava_next"):
+        for layout in ("hub", "flat"):
+            folder = root / f"{base}-{layout}"
+            checkpoints[(base, layout)] = (folder, build_tiny_llava(folder, base=base, layout=layout))
+    return checkpoints
+
+
+@pytest.fixture(scope="session")
+def converted(base_checkpoints, tmp_path_factory):
+    """Convert on demand: `converted(base, layout="hub", **overrides)` -> output folder (memoised)."""
+    root = tmp_path_factory.mktemp("converted")
+    made = {}
+
+    def make(base="llava", layout="hub", **overrides):
+        settings = {**SMALL_PREDICTOR, **overrides}
+        key = (base, layout, tuple(sorted(settings.items())))
+        if key not in made:
+            output = root / f"out{len(made)}"
+            sparse_llava.convert(str(base_checkpoints[(base, layout)][0]), "dynamic-llava", output, settings,
+                                 progress=False)
+            made[key] = output
+        return made[key]
+
+    return make
+
+
+def load_dynamic(folder, **config_overrides):
+    """Load a converted folder in-process through the package's classes."""
+    model = sparse_llava.DynamicLlavaForConditionalGeneration.from_pretrained(folder, **config_overrides)
+    return model.eval()
