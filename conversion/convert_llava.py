@@ -246,15 +246,28 @@ def main(argv=None) -> int:
     parser.add_argument("--base", required=True, help="local folder or Hub repo id of the base checkpoint")
     parser.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field; VALUE is JSON (e.g. --set vision_keep_ratio=1.0)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field; VALUE is JSON (e.g. --set vision_keep_ratio=1.0)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed for the method's new weights (default 0)")
     parser.add_argument("--revision", default=None, help="revision of a Hub base checkpoint")
     args = parser.parse_args(argv)
     try:
-        convert(args.base, args.method, args.output, parse_overrides(args.overrides), args.overwrite, args.seed,
-                args.revision)
+        convert(
+            args.base,
+            args.method,
+            args.output,
+            parse_overrides(args.overrides),
+            args.overwrite,
+            args.seed,
+            args.revision,
+        )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

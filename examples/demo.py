@@ -33,11 +33,29 @@ def main() -> None:
     build_tiny_llava(base, base="llava", num_layers=4)
 
     print(f"2. converting it to Dynamic-LLaVA in {converted}")
-    small_predictor = ["--set", "predictor_hidden_size=32", "--set", "predictor_num_heads=4",
-                       "--set", "predictor_intermediate_size=64"]
-    subprocess.run([sys.executable, str(REPO / "conversion" / "convert_llava.py"), "--base", str(base),
-                    "--method", "dynamic-llava", "--output", str(converted), "--overwrite", *small_predictor],
-                   check=True)
+    small_predictor = [
+        "--set",
+        "predictor_hidden_size=32",
+        "--set",
+        "predictor_num_heads=4",
+        "--set",
+        "predictor_intermediate_size=64",
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "conversion" / "convert_llava.py"),
+            "--base",
+            str(base),
+            "--method",
+            "dynamic-llava",
+            "--output",
+            str(converted),
+            "--overwrite",
+            *small_predictor,
+        ],
+        check=True,
+    )
 
     print("3. loading it with AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)")
     model = AutoModelForImageTextToText.from_pretrained(converted, trust_remote_code=True).eval()
@@ -46,17 +64,18 @@ def main() -> None:
     print("4. generating for a batch of two prompts with one image each (row 2 left-padded)")
     inputs = tiny_inputs("llava", batch_size=2, left_padding=[0, 3])
     torch.manual_seed(0)
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
-                            return_dict_in_generate=True)
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     prompt_length = inputs["input_ids"].shape[1]
     for row, tokens in enumerate(output.sequences[:, prompt_length:].tolist()):
         print(f"   row {row}: generated token ids {tokens}")
 
     cache = output.past_key_values
     image_tokens = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1).tolist()
-    print(f"\nKV cache after generation (prompt: {inputs['attention_mask'].sum(-1).tolist()} tokens per row, "
-          f"of which {image_tokens} image tokens; keep ratio {model.config.vision_keep_ratio} from layer "
-          f"{model.config.sparse_layer} on):")
+    print(
+        f"\nKV cache after generation (prompt: {inputs['attention_mask'].sum(-1).tolist()} tokens per row, "
+        f"of which {image_tokens} image tokens; keep ratio {model.config.vision_keep_ratio} from layer "
+        f"{model.config.sparse_layer} on):"
+    )
     print(f"{'layer':>5}  {'tokens held per row':>20}")
     for layer_idx in range(model.config.text_config.num_hidden_layers):
         print(f"{layer_idx:>5}  {str(cache.stored_tokens(layer_idx).tolist()):>20}")

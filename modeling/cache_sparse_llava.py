@@ -1,4 +1,4 @@
-"""KV cache for LLaVA models whose layers hold different numbers of tokens.
+"""KV cache for LLaVA models whose layers hold different numbers of tokens, with online admission.
 
 Token dropping makes the cache ragged in two directions: across layers (a layer after the drop point holds fewer
 entries than the layers before it) and across batch rows (rows keep different numbers of tokens). Following
@@ -6,82 +6,190 @@ transformers' own `DynamicSlidingWindowLayer`, each layer keeps two notions of l
 
 * logical: how many tokens of the conversation the layer has seen (`get_seq_length`); `generate()` uses it to slice
   already-cached inputs and to build positions, so it is the same in every layer;
-* physical: how many slots the stored tensors have (`get_mask_sizes`, `get_query_offset`); the attention masks are
+* physical: how many slots the stored tensors have (`get_mask_sizes`, `get_query_offset`); attention masks are
   sized from it.
 
-Rows are held rectangular (`[batch, heads, slots, head_dim]`) with a per-row validity mask `valid[batch, slots]`;
-the model turns it into the attention mask of that layer, so padding slots and holes are never attended to.
+Each layer holds rectangular buffers `[batch, heads, capacity, head_dim]`, a per-row validity mask
+`valid[batch, capacity]` (padding, holes and unused capacity are False, and attention never reads them) and a per-row
+write pointer `next_slot[batch]`:
+
+* a multi-token chunk (a prompt, a new user turn) is appended whole at the same column in every row;
+* a single new token is written at its row's pointer, attends to what the row holds plus itself, and is *admitted*
+  (kept for later tokens) only where the admission mask says so: the pointer moves on by 0 or 1 per row. This step
+  is pure tensor code with no host synchronisation (see `write_token`), so it runs at full speed on CUDA.
+
+Capacity grows in blocks of `growth_block` slots. The host only learns how far the pointers got when the worst case
+(every token admitted since the last look) could overflow the buffer, i.e. at most once every `growth_block` steps.
 """
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
-class SparseCacheLayer(DynamicLayer):
-    """One layer of a [`SparseCache`]: keys and values plus the validity of each stored slot."""
+@dataclass
+class IncomingChunk:
+    """What the model is about to run through a layer: which slots are real tokens, and which to keep cached."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    valid: torch.Tensor  # [batch, chunk] bool
+    admit: torch.Tensor | None  # [batch, chunk] bool, or None to admit every valid slot
+    logical_length: int  # number of input tokens the chunk stands for
+
+
+def write_token(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    next_slot: torch.Tensor,
+    new_key: torch.Tensor,
+    new_value: torch.Tensor,
+    admit: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Online KV admission of one token per row, in place and without host synchronisation.
+
+    Writes `new_key` / `new_value` (`[batch, heads, 1, head_dim]`) into `keys` / `values` at each row's `next_slot`,
+    marks the slot valid where `admit[batch]` is True, and returns the advanced pointers. A row that does not admit
+    the token keeps its pointer, so the slot is overwritten by the next token.
+    """
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    keys[rows, :, next_slot] = new_key[:, :, 0]
+    values[rows, :, next_slot] = new_value[:, :, 0]
+    valid[rows, next_slot] = admit
+    return next_slot + admit.long()
+
+
+class SparseCacheLayer(DynamicLayer):
+    """One layer of a [`SparseCache`]: key/value buffers, slot validity and per-row write pointers."""
+
+    def __init__(self, growth_block: int = 64):
+        super().__init__()
+        self.growth_block = growth_block
         self.valid: torch.Tensor | None = None
+        self.next_slot: torch.Tensor | None = None
         self.cumulative_length = 0
+        # Host-side upper bound on max(next_slot): exact after a multi-token chunk, +1 per single-token step.
+        self.slot_bound = 0
+        self.single_token_step = False
+        self.stats: dict[str, torch.Tensor] = {}
+
+    # --- storage ------------------------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[-1]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        batch_size = key_states.shape[0]
-        self.keys = key_states.new_zeros((batch_size, key_states.shape[1], 0, key_states.shape[-1]))
-        self.values = value_states.new_zeros((batch_size, value_states.shape[1], 0, value_states.shape[-1]))
-        self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=key_states.device)
+        batch_size, _, _, head_dim = key_states.shape
+        self.keys = key_states.new_zeros((batch_size, key_states.shape[1], self.capacity, head_dim))
+        self.values = value_states.new_zeros((batch_size, value_states.shape[1], self.capacity, head_dim))
+
+    def prepare(self, chunk_length: int, batch_size: int, device: torch.device) -> None:
+        """Get ready to receive a chunk: make room, and for multi-token chunks align the rows' write pointers."""
+        if self.valid is None:
+            self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
+            self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.single_token_step = chunk_length == 1
+        if self.single_token_step and self.slot_bound + 1 <= self.capacity:
+            return  # the common decode step: no host synchronisation
+        # The worst case could overflow, or a multi-token chunk must start at one column in every row: look at where
+        # the rows really are (one host sync per `growth_block` decode steps, or per prompt / new turn).
+        self.slot_bound = int(self.next_slot.max()) if self.capacity else 0
+        if not self.single_token_step:
+            self.next_slot = torch.full_like(self.next_slot, self.slot_bound)
+        if self.slot_bound + chunk_length > self.capacity:
+            extra = self.slot_bound + chunk_length + self.growth_block - self.capacity
+            self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
+            if self.is_initialized:
+                self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
+                self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+
+    def visible_slots(self, chunk: IncomingChunk) -> torch.Tensor:
+        """`[batch, slots]` bool: the physical 2-D attention mask for the chunk about to be written."""
+        if self.single_token_step:
+            current = torch.arange(self.capacity, device=self.valid.device) == self.next_slot[:, None]
+            return self.valid | (current & chunk.valid)
+        return torch.cat([self.valid[:, : self.slot_bound], chunk.valid], dim=-1)
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor, logical_length: int
+        self, key_states: torch.Tensor, value_states: torch.Tensor, chunk: IncomingChunk
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append a chunk; `valid[batch, chunk]` marks which of its slots hold a real token."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.valid = torch.cat([self.valid, valid.to(self.valid.device)], dim=-1)
-        self.cumulative_length += logical_length
-        return self.keys, self.values
+        admit = chunk.valid if chunk.admit is None else chunk.valid & chunk.admit
+        self.cumulative_length += chunk.logical_length
+        if self.single_token_step:
+            self.next_slot = write_token(
+                self.keys, self.values, self.valid, self.next_slot, key_states, value_states, admit[:, 0]
+            )
+            self.slot_bound += 1
+            return self.keys, self.values
+        start, end = self.slot_bound, self.slot_bound + key_states.shape[-2]
+        self.keys[..., start:end, :] = key_states
+        self.values[..., start:end, :] = value_states
+        self.valid[:, start:end] = admit
+        # Rows that drop slots of the chunk would leave holes before later slots; holes are harmless (invalid).
+        self.next_slot = torch.full_like(self.next_slot, end)
+        self.slot_bound = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
-    @property
-    def physical_length(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+    # --- sizes ----------------------------------------------------------------------------------------------------
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.physical_length + query_length, 0
+        if self.single_token_step:
+            return self.capacity, 0
+        return self.slot_bound + query_length, 0
+
+    def query_offset(self) -> int:
+        # A single token sees every slot its mask allows; a chunk starts right after the aligned pointers.
+        return self.capacity - 1 if self.single_token_step else self.slot_bound
 
     def stored_tokens(self) -> torch.Tensor | None:
         return None if self.valid is None else self.valid.sum(-1)
 
-    def memory_bytes(self) -> int:
+    def slot_bytes(self) -> int:
+        """Bytes of one slot of one row (keys and values, all heads)."""
+        if not self.is_initialized:
+            return 0
+        per_slot = self.keys.shape[1] * self.keys.shape[-1] * self.keys.element_size()
+        return per_slot + self.values.shape[1] * self.values.shape[-1] * self.values.element_size()
+
+    def allocated_bytes(self) -> int:
         if not self.is_initialized:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
+    # --- generation utilities -------------------------------------------------------------------------------------
+
+    def _per_row_state(self):
+        return ("keys", "values", "valid", "next_slot")
+
+    def _apply_to_rows(self, function) -> None:
+        for name in self._per_row_state():
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, function(tensor))
+        self.stats = {name: function(counts) for name, counts in self.stats.items()}
+
     def reset(self) -> None:
         super().reset()
-        self.valid = None
+        self.valid = self.next_slot = None
+        self.slot_bound = 0
+        self.stats = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.is_initialized:
-            super().reorder_cache(beam_idx)
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self._apply_to_rows(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.keys = self.keys[indices, ...]
-            self.values = self.values[indices, ...]
-            self.valid = self.valid[indices, ...]
+        self._apply_to_rows(lambda tensor: tensor[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -95,45 +203,38 @@ class SparseCache(Cache):
     """
     The cache of sparse-llava models: one [`SparseCacheLayer`] per decoder layer.
 
-    The model announces each chunk it is about to run through a layer with [`SparseCache.set_incoming`] (which slots
-    are valid and how many logical tokens the chunk stands for); transformers' attention modules then call `update`
-    as usual. Use `stored_tokens(layer_idx)` and `memory_bytes()` to see what each layer holds.
+    Before running a chunk through a layer, the model calls [`SparseCache.begin_chunk`] (which slots are valid, which
+    to admit, how many logical tokens the chunk stands for); it returns the layer's physical 2-D attention mask.
+    transformers' attention modules then call `update` as usual. `stored_tokens(layer_idx)`, `memory_bytes()` and
+    `sparsity_report()` say what each layer holds.
     """
 
-    def __init__(self, num_layers: int | None = None, config=None):
+    def __init__(self, num_layers: int | None = None, config=None, growth_block: int = 64):
         if num_layers is None:
             if config is None:
                 raise ValueError("SparseCache needs `num_layers` or a `config`")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[SparseCacheLayer() for _ in range(num_layers)])
-        self._incoming_valid: torch.Tensor | None = None
-        self._incoming_logical_length = 0
+        super().__init__(layers=[SparseCacheLayer(growth_block) for _ in range(num_layers)])
+        self._incoming: IncomingChunk | None = None
 
-    def set_incoming(self, valid: torch.Tensor, logical_length: int) -> None:
-        """Describe the chunk the next `update` calls will append: `valid[batch, chunk]` and its logical length."""
-        self._incoming_valid = valid
-        self._incoming_logical_length = logical_length
+    def begin_chunk(self, layer_idx: int, chunk: IncomingChunk) -> torch.Tensor:
+        """Announce the chunk the next `update` of `layer_idx` receives; returns the layer's 2-D attention mask."""
+        layer = self.layers[layer_idx]
+        layer.prepare(chunk.valid.shape[1], chunk.valid.shape[0], chunk.valid.device)
+        self._incoming = chunk
+        return layer.visible_slots(chunk)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self._incoming_valid is None:
-            raise RuntimeError("SparseCache.update called without set_incoming(): use it with a sparse-llava model")
-        return self.layers[layer_idx].update(
-            key_states, value_states, self._incoming_valid, self._incoming_logical_length
-        )
+        if self._incoming is None:
+            raise RuntimeError("SparseCache.update called without begin_chunk(): use it with a sparse-llava model")
+        return self.layers[layer_idx].update(key_states, value_states, self._incoming)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Masks are built in the physical index space of the layer (see module docstring).
-        return self.layers[layer_idx].physical_length
-
-    def physical_length(self, layer_idx: int) -> int:
-        return self.layers[layer_idx].physical_length
-
-    def valid_slots(self, layer_idx: int) -> torch.Tensor | None:
-        """`valid[batch, slots]` of a layer, or None before the first update."""
-        return self.layers[layer_idx].valid
+        return self.layers[layer_idx].query_offset()
 
     def stored_tokens(self, layer_idx: int) -> torch.Tensor:
         """LongTensor `[batch]`: how many tokens layer `layer_idx` holds for each row."""
@@ -143,5 +244,28 @@ class SparseCache(Cache):
         return stored
 
     def memory_bytes(self) -> int:
-        """Bytes held by keys and values in all layers (the physical, rectangular tensors)."""
-        return sum(layer.memory_bytes() for layer in self.layers)
+        """Bytes of keys and values of the tokens the cache holds (stored tokens x bytes per token, all layers)."""
+        return sum(
+            int(layer.stored_tokens().sum()) * layer.slot_bytes() for layer in self.layers if layer.is_initialized
+        )
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the key/value buffers as allocated (includes padding rows' slack and unused capacity)."""
+        return sum(layer.allocated_bytes() for layer in self.layers)
+
+    def record(self, layer_idx: int, stats: dict[str, torch.Tensor]) -> None:
+        """Add a forward's per-row token counts (see `SparseLlavaForConditionalGeneration`) to layer `layer_idx`."""
+        totals = self.layers[layer_idx].stats
+        for name, counts in stats.items():
+            totals[name] = totals[name] + counts if name in totals else counts
+
+    def sparsity_report(self) -> list[dict[str, list[int]]]:
+        """Per layer, per row: tokens stored, and kept versus seen for image tokens and for output text."""
+        return [
+            {
+                "stored": layer.stored_tokens().tolist(),
+                **{name: counts.tolist() for name, counts in layer.stats.items()},
+            }
+            for layer in self.layers
+            if layer.valid is not None
+        ]

@@ -11,6 +11,7 @@ checkpoints' weights map onto them one to one.
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,12 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     tile, high-resolution tiles and newline tokens). System and instruction tokens are never dropped. Layers from
     `sparse_layer` on run on the shortened sequence, so the KV cache of those layers holds only kept tokens; look at
     `past_key_values.stored_tokens(layer_idx)`.
+
+    During decoding (`config.text_sparsification`), the output-text predictor reads each generated token at the same
+    layer. Without a cache, past generated tokens it drops leave the sequence of layers `>= sparse_layer` (the newest
+    token always stays). With a cache, each new token is computed and attends to itself and the cache, and its K/V
+    is admitted to the caches of layers `>= sparse_layer` only if the predictor keeps it. Both compute the same
+    thing: a token's decision depends on earlier tokens only, through the full layers below `sparse_layer`.
     """
 
     config_class = DynamicLlavaConfig
@@ -141,10 +148,28 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         self.post_init()
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
-        if layer_idx != self.config.sparse_layer or not stream.has_images or self.config.vision_keep_ratio >= 1:
+        if layer_idx != self.config.sparse_layer:
             return stream
-        keep = ~stream.is_image | self.select_image_tokens(stream)
-        return stream.select(keep)
+        keep = None
+        if stream.has_images and self.config.vision_keep_ratio < 1:
+            keep = ~stream.is_image | self.select_image_tokens(stream)
+        if self.config.text_sparsification and stream.has_output_tokens:
+            keeps_output = self.output_tokens_to_keep(stream)
+            if cache is None:
+                # Without a cache every step re-runs the sequence: dropped past outputs leave it (the newest stays).
+                newest = torch.zeros_like(stream.valid)
+                newest[:, -1] = True
+                output_keep = ~stream.is_output | newest | keeps_output
+                keep = output_keep if keep is None else keep & output_keep
+            else:
+                # With a cache the new token is always computed; it is admitted to later layers' caches only if kept.
+                stream = replace(stream, admit=~stream.is_output | keeps_output)
+        return stream if keep is None else stream.select(keep)
+
+    def output_tokens_to_keep(self, stream: TokenStream) -> torch.Tensor:
+        """`[batch, slots]` bool: the output-text predictor keeps a token when its keep logit beats its drop logit."""
+        logits = self.output_text_score_predictor(stream.hidden_states)
+        return logits[..., 0] > logits[..., 1]
 
     def select_image_tokens(self, stream: TokenStream) -> torch.Tensor:
         """`[batch, slots]` bool: the image tokens each image keeps (top-k of the image predictor's keep score)."""

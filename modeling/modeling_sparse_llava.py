@@ -22,7 +22,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 
-from .cache_sparse_llava import SparseCache
+from .cache_sparse_llava import IncomingChunk, SparseCache
 from .configuration_sparse_llava import SparseLlavaConfig
 
 
@@ -36,12 +36,19 @@ class SparseLlavaOutput(ModelOutput):
         logits: `[batch, sequence, vocab]` for the positions of the input (those a method dropped get zeros).
         past_key_values: the [`SparseCache`], when `use_cache`.
         image_hidden_states: projected image features, one row per image token (all images concatenated).
+        token_counts: per decoder layer, per row, the image and output-text tokens this forward kept versus saw
+            (kept = run through the layer and, with a cache, stored in it); see `sparsity_report()`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: SparseCache | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    token_counts: list[dict[str, torch.Tensor]] | None = None
+
+    def sparsity_report(self) -> list[dict[str, list[int]]]:
+        """`token_counts` as plain lists: one dict per layer (`image_kept`, `image_seen`, `output_text_kept`, ...)."""
+        return [{name: counts.tolist() for name, counts in layer.items()} for layer in self.token_counts or []]
 
 
 @dataclass
@@ -60,7 +67,10 @@ class TokenStream:
     source_index: torch.Tensor  # [batch, slots] column of the model input the slot came from
     image_index: torch.Tensor  # [batch, slots] which image (global index, in input order) or -1 for text
     image_lengths: tuple[int, ...]  # number of tokens of each image, in input order
+    is_output: torch.Tensor  # [batch, slots] bool: a generated token (a candidate for output-text dropping)
+    has_output_tokens: bool  # whether any slot is a generated token (known on the host)
     logical_length: int  # number of input tokens this chunk stands for
+    admit: torch.Tensor | None = None  # [batch, slots] bool: which slots the cache keeps (None: every valid one)
     shortened: bool = False  # whether a method dropped tokens from the chunk
 
     @property
@@ -70,6 +80,16 @@ class TokenStream:
     @property
     def is_image(self) -> torch.Tensor:
         return self.image_index >= 0
+
+    def token_counts(self, seen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per row: image and output-text tokens kept in this stream, next to `seen` (counted before any drop)."""
+        kept = self.valid if self.admit is None else self.valid & self.admit
+        return {
+            "image_kept": (kept & self.is_image).sum(-1),
+            "image_seen": seen["image"],
+            "output_text_kept": (kept & self.is_output).sum(-1),
+            "output_text_seen": seen["output_text"],
+        }
 
     def select(self, keep: torch.Tensor) -> "TokenStream":
         """
@@ -93,6 +113,8 @@ class TokenStream:
             valid=keep.gather(1, order),
             source_index=self.source_index.gather(1, order),
             image_index=self.image_index.gather(1, order),
+            is_output=self.is_output.gather(1, order),
+            admit=None if self.admit is None else self.admit.gather(1, order),
             shortened=True,
         )
 
@@ -183,6 +205,14 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """The cache `generate()` creates for this model."""
         return SparseCache(config=self.config)
 
+    def generate(self, inputs=None, *args, **kwargs):
+        # Tell forward where the generated tokens start, so only they are candidates for output-text dropping.
+        if kwargs.get("output_token_start") is None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if prompt is not None:
+                kwargs["output_token_start"] = prompt.shape[1]
+        return super().generate(inputs, *args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() would create a DynamicCache, which cannot hold ragged layers; create ours instead.
         if (
@@ -212,8 +242,16 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         image_sizes: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        output_token_start: int | None = None,
         **kwargs,
     ) -> SparseLlavaOutput:
+        r"""
+        output_token_start (`int`, *optional*):
+            Input column (logical position in the conversation) where generated output begins; tokens from there on
+            are candidates for output-text dropping, tokens before it (system prompt, instructions, earlier turns)
+            never are. `generate()` sets it to the prompt's width. When `None`, a single-token step on a non-empty
+            cache counts as a generated token, and without a cache no token does.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         for unsupported in ("output_attentions", "output_hidden_states"):
@@ -234,9 +272,10 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         inputs_embeds, image_index, image_lengths, image_features = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
         )
-        stream = self.make_stream(inputs_embeds, attention_mask, position_ids, past_key_values, image_index,
-                                  image_lengths)
-        stream = self.run_decoder(stream, past_key_values, **kwargs)
+        stream = self.make_stream(
+            inputs_embeds, attention_mask, position_ids, past_key_values, image_index, image_lengths, output_token_start
+        )
+        stream, token_counts = self.run_decoder(stream, past_key_values, **kwargs)
         hidden_states = self.language_model.norm(stream.hidden_states)
         hidden_states = self.restore_input_positions(hidden_states, stream, inputs_embeds.shape[1])
 
@@ -246,7 +285,11 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         return SparseLlavaOutput(
-            loss=loss, logits=logits, past_key_values=past_key_values, image_hidden_states=image_features
+            loss=loss,
+            logits=logits,
+            past_key_values=past_key_values,
+            image_hidden_states=image_features,
+            token_counts=token_counts,
         )
 
     def embed_inputs(
@@ -277,7 +320,9 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         image_index = image_index_map(special_image_mask[..., 0], list(image_lengths))
         return inputs_embeds, image_index, image_lengths, image_features
 
-    def make_stream(self, inputs_embeds, attention_mask, position_ids, cache, image_index, image_lengths):
+    def make_stream(
+        self, inputs_embeds, attention_mask, position_ids, cache, image_index, image_lengths, output_token_start
+    ):
         batch_size, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -291,6 +336,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             if attention_mask.dim() != 2:
                 raise ValueError("sparse-llava models take a 2-D attention_mask [batch, past + sequence]")
             valid = attention_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
+        columns = torch.arange(past_seen, past_seen + seq_len, device=device).expand(batch_size, -1)
+        if output_token_start is not None:
+            has_output_tokens = past_seen + seq_len > output_token_start
+            is_output = (columns >= output_token_start) & valid
+        else:
+            has_output_tokens = cache is not None and past_seen > 0 and seq_len == 1
+            is_output = valid & has_output_tokens
         return TokenStream(
             hidden_states=inputs_embeds,
             position_ids=position_ids,
@@ -299,14 +351,28 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             source_index=torch.arange(seq_len, device=device).expand(batch_size, -1),
             image_index=image_index,
             image_lengths=image_lengths,
+            is_output=is_output & (image_index < 0),
+            has_output_tokens=has_output_tokens,
             logical_length=seq_len,
         )
 
-    def run_decoder(self, stream: TokenStream, cache: SparseCache | None, **kwargs) -> TokenStream:
+    def run_decoder(self, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        """Run every decoder layer; returns the final stream and, per layer, the tokens kept versus seen."""
+        seen = {
+            "image": (stream.valid & stream.is_image).sum(-1),
+            "output_text": (stream.valid & stream.is_output).sum(-1),
+        }
+        token_counts, counts = [], stream.token_counts(seen)
         for layer_idx, decoder_layer in enumerate(self.language_model.layers):
+            previous = stream
             stream = self.before_layer(layer_idx, stream, cache)
+            if stream.valid is not previous.valid or stream.admit is not previous.admit:
+                counts = stream.token_counts(seen)
+            token_counts.append(counts)
+            if cache is not None:
+                cache.record(layer_idx, counts)
             stream = replace(stream, hidden_states=self.run_layer(layer_idx, decoder_layer, stream, cache, **kwargs))
-        return stream
+        return stream, token_counts
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
         """Where a method drops tokens: return the stream layer `layer_idx` runs on. The base drops nothing."""
@@ -315,8 +381,6 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
     def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
         """Run one of transformers' decoder layers on the stream; returns its output hidden states."""
         attention_mask = self.layer_attention_mask(layer_idx, stream, cache)
-        if cache is not None:
-            cache.set_incoming(stream.valid, stream.logical_length)
         return decoder_layer(
             stream.hidden_states,
             attention_mask=attention_mask,
@@ -331,9 +395,14 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """
         The attention mask of one layer, in that layer's physical index space: the validity of the slots it holds,
         then of the incoming chunk, made causal by transformers' mask utilities for the configured attention backend.
+        With a cache, this also announces the chunk to the cache (which slots it will admit).
         """
-        past_valid = cache.valid_slots(layer_idx) if cache is not None else None
-        slots_valid = stream.valid if past_valid is None else torch.cat([past_valid, stream.valid], dim=-1)
+        if cache is None:
+            slots_valid = stream.valid
+        else:
+            slots_valid = cache.begin_chunk(
+                layer_idx, IncomingChunk(valid=stream.valid, admit=stream.admit, logical_length=stream.logical_length)
+            )
         return create_causal_mask(
             config=self.config.get_text_config(),
             inputs_embeds=stream.hidden_states,

@@ -24,8 +24,9 @@ IMAGE_TOKEN_ID = VOCAB_SIZE - 1
 PAD_TOKEN_ID = 1
 
 
-def tiny_base_config(base: str = "llava", num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
-                     num_kv_heads: int = 2):
+def tiny_base_config(
+    base: str = "llava", num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4, num_kv_heads: int = 2
+):
     text_config = dict(
         model_type="llama",
         vocab_size=VOCAB_SIZE,
@@ -73,6 +74,8 @@ def build_tiny_llava(path, base: str = "llava", layout: str = "hub", seed: int =
     config = tiny_base_config(base, **config_kwargs)
     model_class = LlavaForConditionalGeneration if base == "llava" else LlavaNextForConditionalGeneration
     model = model_class(config).eval()
+    # A random model may well predict the image placeholder; a real one never does, so forbid it.
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     path = Path(path)
     model.save_pretrained(path)
     if layout == "hub":
@@ -89,13 +92,20 @@ def _nest_clip_tower(path: Path) -> None:
     renamed = {}
     for key, tensor in tensors.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
         renamed[key] = tensor
     save_file(renamed, weights_file, metadata={"format": "pt"})
 
 
-def tiny_inputs(base: str = "llava", batch_size: int = 2, text_before: int = 3, text_after: int = 5,
-                left_padding: list[int] | None = None, seed: int = 0, image_sizes=None):
+def tiny_inputs(
+    base: str = "llava",
+    batch_size: int = 2,
+    text_before: int = 3,
+    text_after: int = 5,
+    left_padding: list[int] | None = None,
+    seed: int = 0,
+    image_sizes=None,
+):
     """Random `input_ids` / `pixel_values` / `attention_mask` (/ `image_sizes`) with one image per row."""
     generator = torch.Generator().manual_seed(seed)
     left_padding = left_padding or [0] * batch_size
@@ -115,7 +125,7 @@ def tiny_inputs(base: str = "llava", batch_size: int = 2, text_before: int = 3, 
     for row, n in enumerate(num_image_tokens):
         start = width - (text_before + n + text_after)
         ids = torch.randint(4, VOCAB_SIZE - 1, (text_before + n + text_after,), generator=generator)
-        ids[text_before:text_before + n] = IMAGE_TOKEN_ID
+        ids[text_before : text_before + n] = IMAGE_TOKEN_ID
         input_ids[row, start:] = ids
         attention_mask[row, start:] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, **extra}

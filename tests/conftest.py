@@ -44,8 +44,9 @@ def converted(base_checkpoints, tmp_path_factory):
         key = (base, layout, tuple(sorted(settings.items())))
         if key not in made:
             output = root / f"out{len(made)}"
-            sparse_llava.convert(str(base_checkpoints[(base, layout)][0]), "dynamic-llava", output, settings,
-                                 progress=False)
+            sparse_llava.convert(
+                str(base_checkpoints[(base, layout)][0]), "dynamic-llava", output, settings, progress=False
+            )
             made[key] = output
         return made[key]
 

@@ -13,10 +13,20 @@ def test_defaults_are_the_papers():
     config = make()
     assert config.model_type == "dynamic_llava"
     assert config.base_model_type == "llava"
-    expected = dict(sparse_layer=2, vision_keep_ratio=0.2, text_sparsification=True, predictor_hidden_size=512,
-                    predictor_num_heads=8, predictor_intermediate_size=2048, predictor_num_layers=2,
-                    output_text_keep_ratio=0.5, output_text_min_length=50, mask_loss_weight=100.0,
-                    gumbel_tau_start=1.0, gumbel_tau_end=0.1)
+    expected = dict(
+        sparse_layer=2,
+        vision_keep_ratio=0.2,
+        text_sparsification=True,
+        predictor_hidden_size=512,
+        predictor_num_heads=8,
+        predictor_intermediate_size=2048,
+        predictor_num_layers=2,
+        output_text_keep_ratio=0.5,
+        output_text_min_length=50,
+        mask_loss_weight=100.0,
+        gumbel_tau_start=1.0,
+        gumbel_tau_end=0.1,
+    )
     assert {key: getattr(config, key) for key in expected} == expected
 
 

@@ -37,8 +37,11 @@ def test_output_folder_is_hub_ready(converted):
     }
     code_files = hub_code_files("modeling_dynamic_llava")
     assert {path.name for path in code_files} == {
-        "cache_sparse_llava.py", "configuration_dynamic_llava.py", "configuration_sparse_llava.py",
-        "modeling_dynamic_llava.py", "modeling_sparse_llava.py",
+        "cache_sparse_llava.py",
+        "configuration_dynamic_llava.py",
+        "configuration_sparse_llava.py",
+        "modeling_dynamic_llava.py",
+        "modeling_sparse_llava.py",
     }
     for path in code_files:  # the very files of the repository, flat
         assert (output / path.name).read_text() == path.read_text()
@@ -68,7 +71,8 @@ def test_llava_hf_checkpoint_loads_into_the_class(layout, base_checkpoints):
     folder, base_model = base_checkpoints[("llava_next", layout)]
     config = sparse_llava.DynamicLlavaConfig.from_base_config(base_model.config, **SMALL_PREDICTOR)
     model, info = sparse_llava.DynamicLlavaForConditionalGeneration.from_pretrained(
-        folder, config=config, output_loading_info=True)
+        folder, config=config, output_loading_info=True
+    )
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     assert info["missing_keys"] and all("score_predictor." in key for key in info["missing_keys"])
     for name, tensor in base_model.state_dict().items():
@@ -100,8 +104,19 @@ def test_processor_files_are_copied(base_checkpoints, tmp_path):
 def test_cli_converts_and_fresh_process_loads_through_auto_class(base_checkpoints, tmp_path):
     base = str(base_checkpoints[("llava", "hub")][0])
     output = tmp_path / "out"
-    result = run_cli("--base", base, "--method", "dynamic-llava", "--output", str(output), *SMALL,
-                     "--set", "vision_keep_ratio=1.0", "--set", "text_sparsification=false")
+    result = run_cli(
+        "--base",
+        base,
+        "--method",
+        "dynamic-llava",
+        "--output",
+        str(output),
+        *SMALL,
+        "--set",
+        "vision_keep_ratio=1.0",
+        "--set",
+        "text_sparsification=false",
+    )
     assert result.returncode == 0, result.stderr
     assert "[convert] done" in result.stderr
 
@@ -153,10 +168,13 @@ def test_base_that_is_not_llava(tmp_path, capsys):
     from transformers import LlamaConfig
 
     LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(
-        tmp_path / "llama")
+        tmp_path / "llama"
+    )
     assert main(["--base", str(tmp_path / "llama"), "--method", "dynamic-llava", "--output", str(tmp_path / "o")]) == 2
     assert "must be a LLaVA-1.5 or LLaVA-NeXT checkpoint" in capsys.readouterr().err
-    assert main(["--base", str(tmp_path / "nothing"), "--method", "dynamic-llava", "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["--base", str(tmp_path / "nothing"), "--method", "dynamic-llava", "--output", str(tmp_path / "o")]) == 2
+    )
     assert "cannot read a LLaVA config" in capsys.readouterr().err
 
 

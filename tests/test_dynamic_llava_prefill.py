@@ -22,10 +22,12 @@ def inputs_for(base, left_padding=(0, 7), seed=0):
 def row_alone(inputs, row):
     """Row `row` of a padded batch, without its padding."""
     keep = inputs["attention_mask"][row].bool()
-    single = {"input_ids": inputs["input_ids"][row:row + 1, keep],
-              "pixel_values": inputs["pixel_values"][row:row + 1]}
+    single = {
+        "input_ids": inputs["input_ids"][row : row + 1, keep],
+        "pixel_values": inputs["pixel_values"][row : row + 1],
+    }
     if "image_sizes" in inputs:
-        single["image_sizes"] = inputs["image_sizes"][row:row + 1]
+        single["image_sizes"] = inputs["image_sizes"][row : row + 1]
     return single
 
 
@@ -93,7 +95,8 @@ def dropped_image_reference(base_model, model, inputs, keep_ratio):
     """
     with torch.no_grad():
         features = base_model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], return_dict=True,
+            pixel_values=inputs["pixel_values"],
+            return_dict=True,
             **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}),
         ).pooler_output
         is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
@@ -109,8 +112,7 @@ def dropped_image_reference(base_model, model, inputs, keep_ratio):
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         mask = causal[None, None] & key_visible[:, None, None, :]
         mask |= torch.eye(length, dtype=torch.bool)[None, None]  # no fully masked rows
-        reference = base_model(**{k: v for k, v in inputs.items() if k != "attention_mask"},
-                               attention_mask=mask).logits
+        reference = base_model(**{k: v for k, v in inputs.items() if k != "attention_mask"}, attention_mask=mask).logits
     return reference, key_visible
 
 
@@ -139,8 +141,9 @@ def test_several_images_per_sample(converted):
     attention_mask = (input_ids != PAD_TOKEN_ID).long()
     pixel_values = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
-        cache = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                      use_cache=True).past_key_values
+        cache = model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=True
+        ).past_key_values
         captured = {}
         original = model.select_image_tokens
 

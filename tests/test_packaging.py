@@ -35,13 +35,27 @@ def test_repository_files_are_the_package_modules():
 def test_installed_wheel_works_on_its_own(tmp_path):
     """Build the wheel, install it into an empty folder and use it from there, away from the checkout."""
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"),
-         str(REPO)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr
     wheel = next((tmp_path / "wheel").glob("sparse_llava-*.whl"))
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
-        capture_output=True, text=True)
+        capture_output=True,
+        text=True,
+    )
     assert installed.returncode == 0, installed.stderr
     probe = (
         "import torch, sparse_llava\n"
@@ -58,8 +72,9 @@ def test_installed_wheel_works_on_its_own(tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), PYTHONNOUSERSITE="1")
     # Run from an empty folder with the editable install hidden, so only the wheel's copy can be imported.
-    result = subprocess.run([sys.executable, "-S", "-c", _without_editable(probe)], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", _without_editable(probe)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     site = str(tmp_path / "site")
     lines = result.stdout.strip().splitlines()
@@ -75,6 +90,5 @@ def _without_editable(probe: str) -> str:
     return (
         "import sys\n"
         f"sys.path.extend({paths!r})\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
-        + probe
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n" + probe
     )
