@@ -48,6 +48,13 @@ METHODS = {
         modeling_module="modeling_dynamic_llava",
         card_template="dynamic_llava.md",
     ),
+    "p-mod": Method(
+        name="p-mod",
+        config_class=sparse_llava.PMoDConfig,
+        model_class=sparse_llava.PMoDLlavaForConditionalGeneration,
+        modeling_module="modeling_pmod",
+        card_template="pmod.md",
+    ),
 }
 
 # Files a llava-hf repo carries for its processor and tokenizer; copied as they are.

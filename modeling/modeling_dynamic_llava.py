@@ -175,10 +175,7 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         """`[batch, slots]` bool: the image tokens each image keeps (top-k of the image predictor's keep score)."""
         is_image = stream.is_image
         lengths = torch.tensor(stream.image_lengths, device=is_image.device)
-        starts = lengths.cumsum(0) - lengths
-        # Image tokens appear in the stream in input order, image after image (see `image_index_map`).
-        image_of_token = stream.image_index[is_image]
-        offset_in_image = torch.arange(image_of_token.shape[0], device=is_image.device) - starts[image_of_token]
+        image_of_token, offset_in_image = stream.image_index[is_image], stream.image_offset[is_image]
 
         num_images, longest = len(stream.image_lengths), max(stream.image_lengths)
         per_image = stream.hidden_states.new_zeros((num_images, longest, stream.hidden_states.shape[-1]))

@@ -66,6 +66,7 @@ class TokenStream:
     valid: torch.Tensor  # [batch, slots] bool: slot holds a real token
     source_index: torch.Tensor  # [batch, slots] column of the model input the slot came from
     image_index: torch.Tensor  # [batch, slots] which image (global index, in input order) or -1 for text
+    image_offset: torch.Tensor  # [batch, slots] position of the token within its image, or -1 for text
     image_lengths: tuple[int, ...]  # number of tokens of each image, in input order
     is_output: torch.Tensor  # [batch, slots] bool: a generated token (a candidate for output-text dropping)
     has_output_tokens: bool  # whether any slot is a generated token (known on the host)
@@ -113,6 +114,7 @@ class TokenStream:
             valid=keep.gather(1, order),
             source_index=self.source_index.gather(1, order),
             image_index=self.image_index.gather(1, order),
+            image_offset=self.image_offset.gather(1, order),
             is_output=self.is_output.gather(1, order),
             admit=None if self.admit is None else self.admit.gather(1, order),
             shortened=True,
@@ -123,18 +125,33 @@ def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
 
 
-def image_index_map(special_image_mask: torch.Tensor, image_lengths: list[int]) -> torch.Tensor:
+def locate_image_tokens(special_image_mask: torch.Tensor, image_lengths: list[int]):
     """
-    `[batch, seq]` index of the image each image-token position belongs to, -1 elsewhere.
+    For each position, `[batch, seq]` the index of the image it belongs to and its offset within that image (both -1
+    for text).
 
     transformers merges image features with `masked_scatter`, which fills the image positions in row-major order,
     image after image; the n-th image position therefore belongs to the image whose token range contains n.
     """
     flat = special_image_mask.flatten()
     rank = flat.cumsum(0) - 1
-    ends = torch.tensor(image_lengths, device=flat.device).cumsum(0)
-    index = torch.searchsorted(ends, rank, right=True)
-    return torch.where(flat, index, -1).view_as(special_image_mask)
+    lengths = torch.tensor(image_lengths, device=flat.device)
+    ends = lengths.cumsum(0)
+    index = torch.searchsorted(ends, rank, right=True).clamp(max=len(image_lengths) - 1)
+    offset = rank - (ends - lengths)[index]
+    no_image = torch.full_like(rank, -1)
+    shape = special_image_mask.shape
+    return torch.where(flat, index, no_image).view(shape), torch.where(flat, offset, no_image).view(shape)
+
+
+def scatter_to_columns(values: torch.Tensor, stream: TokenStream, base: torch.Tensor) -> torch.Tensor:
+    """Write each valid slot of `values` (`[batch, slots, dim]`) at its input column of a copy of `base`."""
+    batch_size, seq_len, dim = base.shape
+    # Invalid slots are written to an extra column that is cut off afterwards.
+    target = torch.where(stream.valid, stream.source_index, seq_len)
+    result = torch.cat([base, base.new_zeros((batch_size, 1, dim))], dim=1)
+    result = result.scatter(1, target.unsqueeze(-1).expand(-1, -1, dim), values)
+    return result[:, :seq_len]
 
 
 class SparseLlavaPreTrainedModel(PreTrainedModel):
@@ -269,11 +286,17 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if not use_cache:
             past_key_values = None
 
-        inputs_embeds, image_index, image_lengths, image_features = self.embed_inputs(
+        inputs_embeds, image_location, image_lengths, image_features = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
         )
         stream = self.make_stream(
-            inputs_embeds, attention_mask, position_ids, past_key_values, image_index, image_lengths, output_token_start
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            image_location,
+            image_lengths,
+            output_token_start,
         )
         stream, token_counts = self.run_decoder(stream, past_key_values, **kwargs)
         hidden_states = self.language_model.norm(stream.hidden_states)
@@ -301,7 +324,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         batch_size, seq_len = inputs_embeds.shape[:2]
         no_image = torch.full((batch_size, seq_len), -1, dtype=torch.long, device=inputs_embeds.device)
         if pixel_values is None or pixel_values.shape[0] == 0:
-            return inputs_embeds, no_image, (), None
+            return inputs_embeds, (no_image, no_image), (), None
 
         image_kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
         per_image = self.model.get_image_features(
@@ -317,12 +340,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             input_ids, inputs_embeds=inputs_embeds, image_features=image_features
         )
         inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
-        image_index = image_index_map(special_image_mask[..., 0], list(image_lengths))
-        return inputs_embeds, image_index, image_lengths, image_features
+        image_location = locate_image_tokens(special_image_mask[..., 0], list(image_lengths))
+        return inputs_embeds, image_location, image_lengths, image_features
 
     def make_stream(
-        self, inputs_embeds, attention_mask, position_ids, cache, image_index, image_lengths, output_token_start
+        self, inputs_embeds, attention_mask, position_ids, cache, image_location, image_lengths, output_token_start
     ):
+        image_index, image_offset = image_location
         batch_size, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -350,6 +374,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             valid=valid,
             source_index=torch.arange(seq_len, device=device).expand(batch_size, -1),
             image_index=image_index,
+            image_offset=image_offset,
             image_lengths=image_lengths,
             is_output=is_output & (image_index < 0),
             has_output_tokens=has_output_tokens,
@@ -418,9 +443,5 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """Put each slot's output back at its input column; dropped positions get zeros."""
         if not stream.shortened:
             return hidden_states
-        batch_size, _, hidden_size = hidden_states.shape
-        # Invalid slots are written to an extra column that is cut off afterwards.
-        target = torch.where(stream.valid, stream.source_index, seq_len)
-        restored = hidden_states.new_zeros((batch_size, seq_len + 1, hidden_size))
-        restored.scatter_(1, target.unsqueeze(-1).expand(-1, -1, hidden_size), hidden_states)
-        return restored[:, :seq_len]
+        base = hidden_states.new_zeros((hidden_states.shape[0], seq_len, hidden_states.shape[-1]))
+        return scatter_to_columns(hidden_states, stream, base)

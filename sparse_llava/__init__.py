@@ -23,8 +23,10 @@ __path__.extend(  # noqa: F821  (`__path__` is defined for packages)
 
 from .cache_sparse_llava import SparseCache, SparseCacheLayer  # noqa: E402
 from .configuration_dynamic_llava import DynamicLlavaConfig  # noqa: E402
+from .configuration_pmod import PMoDConfig  # noqa: E402
 from .configuration_sparse_llava import SparseLlavaConfig  # noqa: E402
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration  # noqa: E402
+from .modeling_pmod import PMoDLlavaForConditionalGeneration  # noqa: E402
 
 
 def register_auto_classes() -> None:
@@ -35,8 +37,12 @@ def register_auto_classes() -> None:
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    AutoConfig.register(DynamicLlavaConfig.model_type, DynamicLlavaConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(DynamicLlavaConfig, DynamicLlavaForConditionalGeneration, exist_ok=True)
+    for config_class, model_class in (
+        (DynamicLlavaConfig, DynamicLlavaForConditionalGeneration),
+        (PMoDConfig, PMoDLlavaForConditionalGeneration),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
 
 
 def convert(*args, **kwargs):
@@ -49,6 +55,8 @@ def convert(*args, **kwargs):
 __all__ = [
     "DynamicLlavaConfig",
     "DynamicLlavaForConditionalGeneration",
+    "PMoDConfig",
+    "PMoDLlavaForConditionalGeneration",
     "SparseCache",
     "SparseCacheLayer",
     "SparseLlavaConfig",

@@ -57,3 +57,20 @@ def load_dynamic(folder, **config_overrides):
     """Load a converted folder in-process through the package's classes."""
     model = sparse_llava.DynamicLlavaForConditionalGeneration.from_pretrained(folder, **config_overrides)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def converted_pmod(base_checkpoints, tmp_path_factory):
+    """`converted_pmod(base, **overrides)` -> a p-MoD conversion of the tiny base (memoised)."""
+    root = tmp_path_factory.mktemp("converted_pmod")
+    made = {}
+
+    def make(base="llava", layout="hub", **overrides):
+        key = (base, layout, repr(sorted(overrides.items())))
+        if key not in made:
+            output = root / f"out{len(made)}"
+            sparse_llava.convert(str(base_checkpoints[(base, layout)][0]), "p-mod", output, overrides, progress=False)
+            made[key] = output
+        return made[key]
+
+    return make

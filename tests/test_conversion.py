@@ -201,3 +201,55 @@ def test_failure_leaves_nothing_half_written(base_checkpoints, tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         convert(base, "dynamic-llava", output, SMALL_PREDICTOR, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_from_a_prefilled_offline_cache(base_checkpoints, tmp_path):
+    """`--base org/name` goes through huggingface_hub's cache, as a download would, with the network off."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--llava-hf--tiny-llava-1.5-hf"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in base_checkpoints[("llava", "hub")][0].iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (snapshot / "chat_template.jinja").write_text("{{ messages }}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--base",
+            "llava-hf/tiny-llava-1.5-hf",
+            "--method",
+            "dynamic-llava",
+            "--output",
+            str(output),
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (output / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert "base_model: llava-hf/tiny-llava-1.5-hf" in (output / "README.md").read_text()
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--base",
+            "llava-hf/not-in-the-cache",
+            "--method",
+            "dynamic-llava",
+            "--output",
+            str(tmp_path / "out2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert missing.returncode == 2
+    assert "cannot read a LLaVA config from 'llava-hf/not-in-the-cache'" in missing.stderr

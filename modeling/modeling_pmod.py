@@ -1,0 +1,106 @@
+"""p-MoD (Zhang et al., ICCV 2025, arXiv 2412.04449) on the sparse-llava base.
+
+In each Mixture-of-Depths layer a router scores the routed (vision) tokens from the layer's input; every sample
+keeps its top `floor(n * R_l)` of them, with the retention ratio R_l decaying with depth (progressive ratio decay).
+The decoder layer runs on the kept tokens and the text tokens only, so skipped tokens have no K/V in that layer.
+Outputs follow the reference code (TanhNorm weight `w = 1 + 0.2 * tanh(r)`, symmetric re-weighting "STRing"):
+
+| token | output of a MoD layer |
+|---|---|
+| kept vision token | `h + w * FFN(h)`, with `h = x + Attn(x)` |
+| skipped vision token | `w * x` |
+| text token | `h + FFN(h)` (the plain layer) |
+
+so the router gets a gradient from kept and skipped tokens alike. Decode steps (text only) run every layer densely
+over what each layer holds.
+"""
+
+import torch
+from torch import nn
+
+from .cache_sparse_llava import SparseCache
+from .configuration_pmod import PMoDConfig
+from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_to_columns
+
+
+class TokenRouter(nn.Linear):
+    """`hidden -> 1` router of a MoD layer (zero-initialised, as in the reference: every weight starts at 1)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1, bias=True)
+
+
+class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
+    """
+    p-MoD over a LLaVA-1.5 or LLaVA-NeXT base: vision tokens skip whole decoder layers in the layers listed in
+    `config.mod_layers`, keeping `floor(n * config.retention_ratio(layer))` of each sample's `n` routed tokens.
+    `past_key_values.stored_tokens(layer_idx)` shows what each layer holds.
+    """
+
+    config_class = PMoDConfig
+    config: PMoDConfig
+    new_module_names = ("routers",)
+
+    def __init__(self, config: PMoDConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.routers = nn.ModuleDict({str(layer): TokenRouter(hidden_size) for layer in config.mod_layers})
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, TokenRouter):
+            module.weight.zero_()
+            module.bias.zero_()
+        else:
+            super()._init_weights(module)
+
+    def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        if str(layer_idx) not in self.routers or not stream.has_images:
+            return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
+        return self.run_mod_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
+
+    def routed(self, stream: TokenStream) -> torch.Tensor:
+        """`[batch, slots]` bool: the tokens routers may let skip layers."""
+        routed = stream.is_image & stream.valid
+        if self.config.routed_tokens == "vision_hr" and self.config.base_model_type == "llava_next":
+            base_tile = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+            routed &= stream.image_offset >= base_tile
+        return routed
+
+    def run_mod_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        if stream.shortened:
+            raise ValueError("p-MoD layers expect the full token stream")
+        x = stream.hidden_states
+        routed = self.routed(stream)
+        logits = self.routers[str(layer_idx)](x).squeeze(-1)
+        weight = 1 + self.config.router_weight_scale * torch.tanh(logits)
+
+        # Top floor(n * R_l) routed tokens per sample, ranked by router logit (ties broken by position).
+        ratio = self.config.retention_ratio(layer_idx)
+        num_kept = (routed.sum(-1).double() * ratio).floor().long()
+        score = logits.detach().masked_fill(~routed, -torch.inf)
+        rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+        kept_routed = routed & (rank < num_kept[:, None])
+        kept = stream.select(kept_routed | (stream.valid & ~routed))
+
+        # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
+        attention_mask = self.layer_attention_mask(layer_idx, kept, cache)
+        attention, _ = decoder_layer.self_attn(
+            hidden_states=decoder_layer.input_layernorm(kept.hidden_states),
+            attention_mask=attention_mask,
+            position_ids=kept.position_ids,
+            past_key_values=cache,
+            position_embeddings=kept.position_embeddings,
+            **kwargs,
+        )
+        h = kept.hidden_states + attention
+        ffn = decoder_layer.mlp(decoder_layer.post_attention_layernorm(h))
+        kept_weight = torch.where(self.routed(kept), weight.gather(1, kept.source_index), 1.0)
+        kept_output = h + kept_weight.unsqueeze(-1).to(ffn.dtype) * ffn
+
+        skipped_output = torch.where(routed.unsqueeze(-1), weight.unsqueeze(-1).to(x.dtype) * x, x)
+        return scatter_to_columns(kept_output, kept, skipped_output)
+
+
+__all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter"]

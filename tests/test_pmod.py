@@ -1,0 +1,191 @@
+"""p-MoD: schedule, routing, STRing, ragged cache, and cost against dense LLaVA."""
+
+import math
+
+import pytest
+import torch
+from test_dynamic_llava_prefill import inputs_for, row_alone
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparse_llava
+from sparse_llava import PMoDConfig, PMoDLlavaForConditionalGeneration
+from sparse_llava.tiny import IMAGE_TOKEN_ID, build_tiny_llava, tiny_base_config
+
+# p_mod.md 2.2: the release schedule on 32 layers, and the tokens kept of a 576-token LLaVA-1.5 image.
+REFERENCE_KEPT_OF_576 = {
+    8: 486,
+    9: 464,
+    10: 440,
+    11: 414,
+    12: 388,
+    13: 360,
+    14: 331,
+    15: 302,
+    16: 273,
+    17: 244,
+    18: 215,
+    19: 187,
+    20: 161,
+    21: 135,
+    22: 111,
+    23: 89,
+    **{layer: 86 for layer in range(24, 32)},
+}
+
+
+@pytest.fixture(scope="module")
+def deep_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pmod")
+    return {base: build_tiny_llava(root / base, base=base, num_layers=32) for base in ("llava", "llava_next")}
+
+
+def pmod_from(base_model, seed=0, **overrides):
+    """A p-MoD model sharing `base_model`'s weights, with random (non-zero) routers so that routing matters."""
+    config = PMoDConfig.from_base_config(base_model.config, **overrides)
+    model = PMoDLlavaForConditionalGeneration(config).eval()
+    missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("routers.") for key in missing)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.routers.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def test_release_schedule_on_32_layers():
+    config = PMoDConfig.from_base_config(tiny_base_config("llava", num_layers=32))
+    assert config.mod_layers == list(range(8, 32))
+    kept = {layer: math.floor(576 * config.retention_ratio(layer)) for layer in config.mod_layers}
+    assert kept == REFERENCE_KEPT_OF_576
+    assert [config.retention_ratio(layer) for layer in range(8)] == [1.0] * 8
+    mean = sum(config.retention_ratio(layer) for layer in range(32)) / 32
+    assert mean == pytest.approx(0.5375)
+
+
+def test_schedule_generalises_to_other_depths_and_validates():
+    config = PMoDConfig.from_base_config(tiny_base_config("llava", num_layers=8))
+    expected = [layer for layer in range(8) if 0.5 + 0.5 * math.cos(math.pi * layer / 7) <= 0.85]
+    assert config.mod_layers == expected == [2, 3, 4, 5, 6, 7]
+    assert PMoDConfig.from_base_config(tiny_base_config("llava"), mod_layers=[]).mod_layers == []
+    with pytest.raises(ValueError, match=r"mod_layers must be a list of layer indices in \[0, 4\)"):
+        PMoDConfig.from_base_config(tiny_base_config("llava"), mod_layers=[4])
+    with pytest.raises(ValueError, match="must not exceed mod_max_ratio"):
+        PMoDConfig.from_base_config(tiny_base_config("llava"), mod_min_ratio=0.9)
+    with pytest.raises(ValueError, match="routed_tokens must be one of"):
+        PMoDConfig.from_base_config(tiny_base_config("llava"), routed_tokens="text")
+
+
+@pytest.mark.parametrize("base", ["llava", "llava_next"])
+def test_dense_equivalent_reproduces_base_logits(base, base_checkpoints, converted_pmod):
+    base_model = base_checkpoints[(base, "hub")][1]
+    model = PMoDLlavaForConditionalGeneration.from_pretrained(converted_pmod(base, mod_layers=[])).eval()
+    inputs = inputs_for(base)
+    with torch.no_grad():
+        difference = model(**inputs).logits - base_model(**inputs).logits
+    assert difference[inputs["attention_mask"].bool()].abs().max() <= 1e-4
+
+
+def test_zero_initialised_routers_weigh_every_token_one(base_checkpoints, converted_pmod):
+    model = PMoDLlavaForConditionalGeneration.from_pretrained(converted_pmod("llava")).eval()
+    for router in model.routers.values():
+        assert router.weight.abs().sum() == 0 and router.bias.abs().sum() == 0
+    assert sorted(int(name) for name in model.routers) == model.config.mod_layers
+
+
+@pytest.mark.parametrize("base", ["llava", "llava_next"])
+def test_each_layer_stores_floor_n_times_retention(base, deep_bases):
+    model = pmod_from(deep_bases[base])
+    inputs = inputs_for(base)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    valid = inputs["attention_mask"].bool()
+    is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
+    text, vision = (valid & ~is_image).sum(-1), is_image.sum(-1)
+    for layer_idx in range(32):
+        kept_vision = [math.floor(int(n) * model.config.retention_ratio(layer_idx)) for n in vision]
+        assert cache.stored_tokens(layer_idx).tolist() == (text + torch.tensor(kept_vision)).tolist(), layer_idx
+
+
+@pytest.mark.parametrize("base", ["llava", "llava_next"])
+def test_cached_uncached_and_padded_batch_agree(base, deep_bases):
+    model = pmod_from(deep_bases[base])
+    inputs = inputs_for(base)
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+    for row in range(2):
+        alone = model.generate(**row_alone(inputs, row), max_new_tokens=8, do_sample=False)
+        assert alone[0, -8:].tolist() == cached[row, -8:].tolist()
+
+
+def test_routing_changes_the_result(deep_bases):
+    """Guard: with these routers the skipped tokens matter, so the agreements above are not vacuous."""
+    inputs = inputs_for("llava")
+    with torch.no_grad():
+        one = pmod_from(deep_bases["llava"], seed=0)(**inputs).logits[:, -1]
+        other = pmod_from(deep_bases["llava"], seed=1)(**inputs).logits[:, -1]
+    assert (one - other).abs().max() > 1e-3
+
+
+def test_string_gives_routers_gradients_from_kept_and_skipped_tokens(deep_bases):
+    model = pmod_from(deep_bases["llava"]).train()
+    inputs = inputs_for("llava")
+    layer_idx = 20
+    captured = {}
+    original = model.run_mod_layer
+
+    def capture(index, decoder_layer, stream, cache, **kwargs):
+        output = original(index, decoder_layer, stream, cache, **kwargs)
+        if index == layer_idx:
+            captured["output"], captured["stream"] = output, stream
+        return output
+
+    model.run_mod_layer = capture
+    model(**inputs)
+    routed = captured["stream"].is_image & captured["stream"].valid
+    output, x = captured["output"], captured["stream"].hidden_states
+    router = model.routers[str(layer_idx)]
+    weight = 1 + 0.2 * torch.tanh(router(x))
+    skipped = routed & torch.isclose(output, weight * x, atol=1e-6).all(-1)  # skipped tokens come out as w * x
+    expected_skipped = int(routed.sum(-1)[0]) - math.floor(int(routed.sum(-1)[0]) * model.config.retention_ratio(20))
+    assert int(skipped[0].sum()) == expected_skipped
+    for selection in (skipped, routed & ~skipped):
+        model.zero_grad()
+        gradient = torch.autograd.grad(output[selection].sum(), router.weight, retain_graph=True)[0]
+        assert gradient.abs().sum() > 0
+
+
+def test_cost_near_the_papers_ratios(tmp_path):
+    """A NeXT-shaped input (base tile, 2 x 2 high-resolution tiles, newline tokens) through 32 layers."""
+    base = build_tiny_llava(
+        tmp_path / "base", base="llava_next", num_layers=32, hidden_size=256, num_heads=4, num_kv_heads=4
+    )
+    model = pmod_from(base)
+    inputs = inputs_for("llava_next", left_padding=(0, 0))
+    inputs = {key: value[:1] for key, value in inputs.items()}
+    with torch.no_grad():
+        flops = {}
+        for name, candidate in (("dense", base), ("pmod", model)):
+            with FlopCounterMode(display=False) as counter:
+                output = candidate(**inputs, use_cache=True, logits_to_keep=1)
+            flops[name] = counter.get_total_flops()
+    ratio = flops["pmod"] / flops["dense"]
+    assert 0.52 <= ratio <= 0.62, ratio  # paper: 55.6% (NeXT), 58.7% (1.5)
+    vision = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    text = inputs["input_ids"].shape[1] - vision
+    stored_vision = sum(int(output.past_key_values.stored_tokens(i)[0]) - text for i in range(32))
+    assert stored_vision / (32 * vision) == pytest.approx(0.5375, abs=0.02)  # paper: 53.8% of the vision KV
+
+
+def test_conversion_writes_a_loadable_pmod_folder(converted_pmod):
+    import json
+
+    output = converted_pmod("llava_next")
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "pmod_llava"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_pmod.PMoDLlavaForConditionalGeneration"
+    assert (output / "modeling_pmod.py").read_text() == (
+        sparse_llava.resource_folder("modeling") / "modeling_pmod.py"
+    ).read_text()
+    model, info = PMoDLlavaForConditionalGeneration.from_pretrained(output, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
