@@ -7,12 +7,13 @@ All models share the same random weights: a mid-size LLaVA-1.5-shaped model (hid
 on, dominates). For each method it measures
 
 * prefill FLOPs (`torch.utils.flop_counter`) and prefill wall time (median of repeats after a warm-up);
-* decode tokens/s with the KV cache, and the KV-cache bytes after N new tokens (`--new-tokens`).
+* the KV-cache bytes after prefill and after N new tokens (`--new-tokens`), and decode tokens/s with the cache.
 
 Untrained predictors would make arbitrary decisions, so the decisions are forced to the paper's keep rates:
 * Dynamic-LLaVA's image predictor keeps its top `floor(0.2 n)` image tokens whatever its weights (a fixed count);
-* its output-text predictor is given a bias on the keep logit, calibrated on a short generation so that it keeps
-  about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is printed.
+  its output-text predictor is given a bias on the keep logit, calibrated on a short generation so that it keeps
+  about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is printed;
+* p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule).
 
 Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is asserted: timings are for reading.
 """
@@ -31,7 +32,12 @@ from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_llava import DynamicLlavaConfig, DynamicLlavaForConditionalGeneration  # noqa: E402
+from sparse_llava import (  # noqa: E402
+    DynamicLlavaConfig,
+    DynamicLlavaForConditionalGeneration,
+    PMoDConfig,
+    PMoDLlavaForConditionalGeneration,
+)
 
 IMAGE_TOKEN_ID = 32000
 
@@ -75,6 +81,7 @@ def make_inputs(device) -> dict:
 
 
 def build_models(device) -> dict:
+    """Dense LLaVA and each method, all with the dense model's weights (the methods' new modules freshly made)."""
     torch.manual_seed(0)
     config = base_config()
     dense = LlavaForConditionalGeneration(config).eval()
@@ -83,13 +90,19 @@ def build_models(device) -> dict:
     dynamic_config = DynamicLlavaConfig.from_base_config(
         config, predictor_hidden_size=128, predictor_intermediate_size=512, predictor_num_heads=8
     )
-    dynamic = DynamicLlavaForConditionalGeneration(dynamic_config).eval()
-    missing, unexpected = dynamic.load_state_dict(dense.state_dict(), strict=False)
-    assert not unexpected and all("score_predictor" in key for key in missing)
-    for model in (dense, dynamic):
+    models = {
+        "dense": dense,
+        "dynamic-llava": DynamicLlavaForConditionalGeneration(dynamic_config),
+        # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
+        "p-mod": PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config)),
+    }
+    for name, model in models.items():
+        if model is not dense:
+            missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+            assert not unexpected and all(key.startswith(model.new_module_names) for key in missing), name
+        model.eval().to(device)
         model.generation_config.pad_token_id = 0
-        model.to(device)
-    return {"dense": dense, "dynamic-llava": dynamic}
+    return models
 
 
 def force_output_keep_rate(model, inputs, rate: float = 0.5, tokens: int = 128, rounds: int = 3) -> None:
@@ -136,6 +149,7 @@ def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
             synchronize(device)
             times.append(time.perf_counter() - start)
         result["prefill_time"] = statistics.median(times[1:])
+        result["kv_bytes_prefill"] = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
     for count in new_tokens:
         synchronize(device)
         start = time.perf_counter()
@@ -181,16 +195,23 @@ def main() -> None:
         ratios[name] = {
             "prefill_flops": values["prefill_flops"] / dense["prefill_flops"],
             "prefill_time": values["prefill_time"] / dense["prefill_time"],
+            "kv_bytes_prefill": values["kv_bytes_prefill"] / dense["kv_bytes_prefill"],
             "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
             "decode_tps": values[f"decode_tps_{longest}"] / dense[f"decode_tps_{longest}"],
             **{f"kv_bytes_{n}": values[f"kv_bytes_{n}"] / dense[f"kv_bytes_{n}"] for n in new_tokens},
         }
 
-    columns = ["prefill_flops", "prefill_time", *[f"kv_bytes_{n}" for n in new_tokens], "decode_tps"]
+    columns = [
+        "prefill_flops",
+        "prefill_time",
+        "kv_bytes_prefill",
+        *[f"kv_bytes_{n}" for n in new_tokens],
+        "decode_tps",
+    ]
     print(f"\nratios against dense LLaVA (dense = 1.00); decode_tps and kv_bytes_long at {longest} new tokens")
-    print(f"{'method':<16}" + "".join(f"{column:>16}" for column in columns))
+    print(f"{'method':<16}" + "".join(f"{column:>18}" for column in columns))
     for name, values in ratios.items():
-        print(f"{name:<16}" + "".join(f"{values[column]:>16.2f}" for column in columns))
+        print(f"{name:<16}" + "".join(f"{values[column]:>18.2f}" for column in columns))
     print("\nabsolute values")
     for name, values in absolute.items():
         shown = ", ".join(

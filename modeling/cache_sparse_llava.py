@@ -18,8 +18,9 @@ write pointer `next_slot[batch]`:
   (kept for later tokens) only where the admission mask says so: the pointer moves on by 0 or 1 per row. This step
   is pure tensor code with no host synchronisation (see `write_token`), so it runs at full speed on CUDA.
 
-Capacity grows in blocks of `growth_block` slots. The host only learns how far the pointers got when the worst case
-(every token admitted since the last look) could overflow the buffer, i.e. at most once every `growth_block` steps.
+A prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of `growth_block` slots. The
+host only learns how far the pointers got when the worst case (every token admitted since the last look) could
+overflow the buffer, i.e. at most once every `growth_block` steps.
 """
 
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ class SparseCacheLayer(DynamicLayer):
         if not self.single_token_step:
             self.next_slot = torch.full_like(self.next_slot, self.slot_bound)
         if self.slot_bound + chunk_length > self.capacity:
-            extra = self.slot_bound + chunk_length + self.growth_block - self.capacity
+            # A prompt gets exactly the room it needs; decoding grows the buffers a block at a time.
+            slack = self.growth_block if self.single_token_step else 0
+            extra = self.slot_bound + chunk_length + slack - self.capacity
             self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
             if self.is_initialized:
                 self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))

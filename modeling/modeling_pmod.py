@@ -15,6 +15,8 @@ so the router gets a gradient from kept and skipped tokens alike. Decode steps (
 over what each layer holds.
 """
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -55,10 +57,10 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         else:
             super()._init_weights(module)
 
-    def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+    def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
         if str(layer_idx) not in self.routers or not stream.has_images:
-            return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
-        return self.run_mod_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
+            return stream if stream.admit is None else replace(stream, admit=None)
+        return replace(stream, admit=self.route(layer_idx, stream))
 
     def routed(self, stream: TokenStream) -> torch.Tensor:
         """`[batch, slots]` bool: the tokens routers may let skip layers."""
@@ -68,27 +70,30 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             routed &= stream.image_offset >= base_tile
         return routed
 
-    def run_mod_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+    def route(self, layer_idx: int, stream: TokenStream) -> torch.Tensor:
+        """`[batch, slots]` bool: the tokens layer `layer_idx` runs on (top `floor(n * R_l)` routed ones and text)."""
+        routed = self.routed(stream)
+        logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1).detach()
+        num_kept = (routed.sum(-1).double() * self.config.retention_ratio(layer_idx)).floor().long()
+        # Ranked by router logit; ties (e.g. untrained, zero-initialised routers) broken by position.
+        score = logits.masked_fill(~routed, -torch.inf)
+        rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
+        return ~routed | (rank < num_kept[:, None])
+
+    def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        if stream.admit is None:
+            return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
         if stream.shortened:
             raise ValueError("p-MoD layers expect the full token stream")
         x = stream.hidden_states
         routed = self.routed(stream)
-        logits = self.routers[str(layer_idx)](x).squeeze(-1)
-        weight = 1 + self.config.router_weight_scale * torch.tanh(logits)
-
-        # Top floor(n * R_l) routed tokens per sample, ranked by router logit (ties broken by position).
-        ratio = self.config.retention_ratio(layer_idx)
-        num_kept = (routed.sum(-1).double() * ratio).floor().long()
-        score = logits.detach().masked_fill(~routed, -torch.inf)
-        rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
-        kept_routed = routed & (rank < num_kept[:, None])
-        kept = stream.select(kept_routed | (stream.valid & ~routed))
+        weight = 1 + self.config.router_weight_scale * torch.tanh(self.routers[str(layer_idx)](x).squeeze(-1))
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
-        attention_mask = self.layer_attention_mask(layer_idx, kept, cache)
+        kept = stream.select(stream.admit)
         attention, _ = decoder_layer.self_attn(
             hidden_states=decoder_layer.input_layernorm(kept.hidden_states),
-            attention_mask=attention_mask,
+            attention_mask=self.layer_attention_mask(layer_idx, kept, cache),
             position_ids=kept.position_ids,
             past_key_values=cache,
             position_embeddings=kept.position_embeddings,

@@ -71,7 +71,9 @@ class TokenStream:
     is_output: torch.Tensor  # [batch, slots] bool: a generated token (a candidate for output-text dropping)
     has_output_tokens: bool  # whether any slot is a generated token (known on the host)
     logical_length: int  # number of input tokens this chunk stands for
-    admit: torch.Tensor | None = None  # [batch, slots] bool: which slots the cache keeps (None: every valid one)
+    # [batch, slots] bool: which slots this layer keeps in its cache, or None for every valid one. Methods that
+    # skip tokens in a layer (p-MoD) also leave the others out of its computation.
+    admit: torch.Tensor | None = None
     shortened: bool = False  # whether a method dropped tokens from the chunk
 
     @property

@@ -132,15 +132,16 @@ def test_string_gives_routers_gradients_from_kept_and_skipped_tokens(deep_bases)
     inputs = inputs_for("llava")
     layer_idx = 20
     captured = {}
-    original = model.run_mod_layer
+    original = model.run_layer
 
     def capture(index, decoder_layer, stream, cache, **kwargs):
         output = original(index, decoder_layer, stream, cache, **kwargs)
         if index == layer_idx:
             captured["output"], captured["stream"] = output, stream
+            assert stream.admit is not None
         return output
 
-    model.run_mod_layer = capture
+    model.run_layer = capture
     model(**inputs)
     routed = captured["stream"].is_image & captured["stream"].valid
     output, x = captured["output"], captured["stream"].hidden_states
@@ -189,3 +190,15 @@ def test_conversion_writes_a_loadable_pmod_folder(converted_pmod):
     ).read_text()
     model, info = PMoDLlavaForConditionalGeneration.from_pretrained(output, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_sparsity_report_counts_skipped_tokens(deep_bases):
+    model = pmod_from(deep_bases["llava_next"])
+    inputs = inputs_for("llava_next")
+    with torch.no_grad():
+        output = model(**inputs, use_cache=True)
+    vision = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1)
+    for layer_idx, counts in enumerate(output.sparsity_report()):
+        kept = [math.floor(int(n) * model.config.retention_ratio(layer_idx)) for n in vision]
+        assert counts["image_kept"] == kept and counts["image_seen"] == vision.tolist()
+    assert output.past_key_values.sparsity_report()[20]["image_kept"] == output.sparsity_report()[20]["image_kept"]
