@@ -11,8 +11,9 @@ on, dominates). For each method it measures
 
 Untrained predictors would make arbitrary decisions, so the decisions are forced to the paper's keep rates:
 * Dynamic-LLaVA's image predictor keeps its top `floor(0.2 n)` image tokens whatever its weights (a fixed count);
-  its output-text predictor is given a bias on the keep logit, calibrated on a short generation so that it keeps
-  about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is printed;
+  its output-text predictor is given a bias on the keep logit, calibrated on untimed generations of the measured
+  length so that it keeps about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is
+  reported (`output_keep_rate_N`);
 * p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule).
 
 Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is asserted: timings are for reading.
@@ -105,10 +106,11 @@ def build_models(device) -> dict:
     return models
 
 
-def force_output_keep_rate(model, inputs, rate: float = 0.5, tokens: int = 128, rounds: int = 3) -> None:
+def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds: int = 2) -> None:
     """
-    Bias the keep logit so that about `rate` of generated tokens are kept (see module docstring). The decisions
-    change the hidden states of later tokens, so the bias is refined over a few generations.
+    Bias the keep logit so that about `rate` of `tokens` generated tokens are kept (see module docstring). The
+    decisions change the hidden states of later tokens, and a random model's hidden states drift over long outputs,
+    so the bias is refined over a few generations of the length that is then measured.
     """
     margins = []
     handle = model.output_text_score_predictor.register_forward_hook(
@@ -151,6 +153,8 @@ def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
         result["prefill_time"] = statistics.median(times[1:])
         result["kv_bytes_prefill"] = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
     for count in new_tokens:
+        if hasattr(model, "output_text_score_predictor"):
+            force_output_keep_rate(model, inputs, tokens=count)
         synchronize(device)
         start = time.perf_counter()
         output = model.generate(
@@ -181,7 +185,6 @@ def main() -> None:
 
     inputs = make_inputs(args.device)
     models = build_models(args.device)
-    force_output_keep_rate(models["dynamic-llava"], inputs)
 
     absolute = {}
     for name, model in models.items():

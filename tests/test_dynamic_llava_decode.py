@@ -214,3 +214,24 @@ def test_cache_batch_operations_keep_rows_consistent(converted):
     cache.batch_select_indices(torch.tensor([1]))
     assert cache.stored_tokens(0).tolist() == [int(stored[0][0])]
     assert isinstance(cache, SparseCache)
+
+
+@pytest.mark.parametrize("base", ["llava", "llava_next"])
+def test_eager_attention_matches_sdpa(base, converted):
+    """The per-layer physical masks are right for the eager backend too (it always materialises them)."""
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = load_dynamic(converted(base), attn_implementation=implementation)
+        assert model.config.text_config._attn_implementation == implementation
+        spread_predictor_scores(model)
+        force_output_decisions(model)
+        inputs = inputs_for(base)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        cached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+        assert cached.tolist() == uncached.tolist()
+        results[implementation] = (logits, cached)
+    valid = inputs["attention_mask"].bool()
+    assert (results["eager"][0] - results["sdpa"][0])[valid].abs().max() <= 1e-4
+    assert results["eager"][1].tolist() == results["sdpa"][1].tolist()
