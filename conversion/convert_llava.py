@@ -160,6 +160,8 @@ def convert(
         model, loading_info = spec.model_class.from_pretrained(
             base, config=config, revision=revision, output_loading_info=True
         )
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot load the weights of {base!r}: {_first_line(error)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     new_prefixes = tuple(f"{name}." for name in model.new_module_names)
@@ -235,7 +237,11 @@ def _replace_folder(staging: Path, output: Path) -> None:
         retired = output.with_name(f".{output.name}.old")
         shutil.rmtree(retired, ignore_errors=True)
         output.rename(retired)
-        staging.rename(output)
+        try:
+            staging.rename(output)
+        except OSError:
+            retired.rename(output)  # put the previous folder back
+            raise
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(output)

@@ -52,7 +52,8 @@ def write_token(
 
     Writes `new_key` / `new_value` (`[batch, heads, 1, head_dim]`) into `keys` / `values` at each row's `next_slot`,
     marks the slot valid where `admit[batch]` is True, and returns the advanced pointers. A row that does not admit
-    the token keeps its pointer, so the slot is overwritten by the next token.
+    the token keeps its pointer, so the slot is overwritten by the next token. Being in place, it is for inference:
+    autograd cannot go back through several cached steps.
     """
     rows = torch.arange(keys.shape[0], device=keys.device)
     keys[rows, :, next_slot] = new_key[:, :, 0]
@@ -63,6 +64,8 @@ def write_token(
 
 class SparseCacheLayer(DynamicLayer):
     """One layer of a [`SparseCache`]: key/value buffers, slot validity and per-row write pointers."""
+
+    is_croppable = False
 
     def __init__(self, growth_block: int = 64):
         super().__init__()
@@ -195,6 +198,8 @@ class SparseCacheLayer(DynamicLayer):
         self._apply_to_rows(lambda tensor: tensor[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
         raise NotImplementedError(
             "SparseCache cannot be cropped: after token dropping, the last logical tokens do not map to a fixed "
             "number of stored slots. Generation modes that roll back the cache (assisted / speculative decoding, "

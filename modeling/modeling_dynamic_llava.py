@@ -148,22 +148,27 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         self.post_init()
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
+        if self.training and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "Dynamic-LLaVA's training forward (Gumbel-Softmax decisions with masked attention) is not implemented "
+                "yet; use the model in eval mode"
+            )
         if layer_idx != self.config.sparse_layer:
             return stream
         keep = None
         if stream.has_images and self.config.vision_keep_ratio < 1:
             keep = ~stream.is_image | self.select_image_tokens(stream)
         if self.config.text_sparsification and stream.has_output_tokens:
-            keeps_output = self.output_tokens_to_keep(stream)
-            if cache is None:
-                # Without a cache every step re-runs the sequence: dropped past outputs leave it (the newest stays).
-                newest = torch.zeros_like(stream.valid)
-                newest[:, -1] = True
-                output_keep = ~stream.is_output | newest | keeps_output
-                keep = output_keep if keep is None else keep & output_keep
+            admit = ~stream.is_output | self.output_tokens_to_keep(stream)
+            if cache is None and stream.last_logits_only:
+                # Generation without a cache re-runs the sequence each step: dropped past outputs leave it (the
+                # newest token, whose logits are wanted, always stays). Only layers >= sparse_layer pay for them.
+                newest = stream.valid & (stream.valid.flip(-1).cumsum(-1).flip(-1) == 1)
+                keep = admit | newest if keep is None else keep & (admit | newest)
             else:
-                # With a cache the new token is always computed; it is admitted to later layers' caches only if kept.
-                stream = replace(stream, admit=~stream.is_output | keeps_output)
+                # With a cache, or when every position's logits are wanted (teacher forcing): every token is
+                # computed and attends to itself; later tokens see it, and the cache stores it, only if admitted.
+                stream = replace(stream, admit=admit)
         return stream if keep is None else stream.select(keep)
 
     def output_tokens_to_keep(self, stream: TokenStream) -> torch.Tensor:

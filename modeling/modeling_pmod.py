@@ -67,6 +67,8 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         routed = stream.is_image & stream.valid
         if self.config.routed_tokens == "vision_hr" and self.config.base_model_type == "llava_next":
             base_tile = (self.config.vision_config.image_size // self.config.vision_config.patch_size) ** 2
+            if self.config.vision_feature_select_strategy == "full":
+                base_tile += 1  # the CLS token is kept
             routed &= stream.image_offset >= base_tile
         return routed
 
@@ -90,11 +92,10 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         weight = 1 + self.config.router_weight_scale * torch.tanh(self.routers[str(layer_idx)](x).squeeze(-1))
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
-        kept = stream.select(stream.admit)
+        kept = replace(stream.select(stream.admit), admit=None)  # what remains is all kept
         attention, _ = decoder_layer.self_attn(
             hidden_states=decoder_layer.input_layernorm(kept.hidden_states),
             attention_mask=self.layer_attention_mask(layer_idx, kept, cache),
-            position_ids=kept.position_ids,
             past_key_values=cache,
             position_embeddings=kept.position_embeddings,
             **kwargs,

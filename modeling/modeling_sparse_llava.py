@@ -71,8 +71,10 @@ class TokenStream:
     is_output: torch.Tensor  # [batch, slots] bool: a generated token (a candidate for output-text dropping)
     has_output_tokens: bool  # whether any slot is a generated token (known on the host)
     logical_length: int  # number of input tokens this chunk stands for
-    # [batch, slots] bool: which slots this layer keeps in its cache, or None for every valid one. Methods that
-    # skip tokens in a layer (p-MoD) also leave the others out of its computation.
+    last_logits_only: bool = False  # only the last position's logits are wanted (as in generate())
+    # [batch, slots] bool: which slots this layer keeps, or None for every valid one. A slot not admitted is not
+    # stored in the layer's cache and no later token of the chunk attends to it (it still attends to itself).
+    # Methods that skip tokens in a layer (p-MoD) also leave them out of its computation.
     admit: torch.Tensor | None = None
     shortened: bool = False  # whether a method dropped tokens from the chunk
 
@@ -277,7 +279,8 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             if kwargs.pop(unsupported, False):
                 raise NotImplementedError(f"{unsupported}=True is not supported by sparse-llava models")
 
-        use_cache = use_cache if use_cache is not None else self.config.get_text_config().use_cache
+        if use_cache is None:
+            use_cache = self.config.get_text_config().use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         if past_key_values is not None and not isinstance(past_key_values, SparseCache):
@@ -408,10 +411,11 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
     def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
         """Run one of transformers' decoder layers on the stream; returns its output hidden states."""
         attention_mask = self.layer_attention_mask(layer_idx, stream, cache)
+        # RoPE comes in `position_embeddings`. Positions have gaps after dropping, which flash-attention would
+        # mistake for packed sequences, so no `position_ids` reach the layer.
         return decoder_layer(
             stream.hidden_states,
             attention_mask=attention_mask,
-            position_ids=stream.position_ids,
             past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=stream.position_embeddings,
@@ -422,22 +426,34 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """
         The attention mask of one layer, in that layer's physical index space: the validity of the slots it holds,
         then of the incoming chunk, made causal by transformers' mask utilities for the configured attention backend.
-        With a cache, this also announces the chunk to the cache (which slots it will admit).
+        Within a multi-token chunk, slots that are not admitted are hidden from the other tokens (each still sees
+        itself), as if the chunk had been fed one token at a time. With a cache, this also announces the chunk to the
+        cache (which slots it will store).
         """
         if cache is None:
-            slots_valid = stream.valid
+            slots_valid, past_slots = stream.valid, 0
         else:
-            slots_valid = cache.begin_chunk(
-                layer_idx, IncomingChunk(valid=stream.valid, admit=stream.admit, logical_length=stream.logical_length)
-            )
+            chunk = IncomingChunk(valid=stream.valid, admit=stream.admit, logical_length=stream.logical_length)
+            slots_valid = cache.begin_chunk(layer_idx, chunk)
+            past_slots = slots_valid.shape[1] - stream.valid.shape[1]
+        admission_mask = None
+        chunk_length = stream.hidden_states.shape[1]
+        if stream.admit is not None and chunk_length > 1:
+            past_admitted = torch.ones_like(slots_valid[:, :past_slots])
+            admitted = torch.cat([past_admitted, stream.admit], dim=-1)
+
+            def admission_mask(batch_idx, head_idx, q_idx, kv_idx):
+                return admitted[batch_idx, kv_idx] | (kv_idx == q_idx)
+
         return create_causal_mask(
             config=self.config.get_text_config(),
             inputs_embeds=stream.hidden_states,
             attention_mask=slots_valid,
             past_key_values=cache,
             layer_idx=layer_idx,
+            and_mask_function=admission_mask,
             # Checking whether a mask can be skipped reads it on the host; only worth it for multi-token chunks.
-            allow_is_causal_skip=stream.hidden_states.shape[1] > 1,
+            allow_is_causal_skip=chunk_length > 1,
         )
 
     @staticmethod

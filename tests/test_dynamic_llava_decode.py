@@ -146,6 +146,8 @@ def test_modes_that_roll_back_the_cache_fail_clearly(converted):
     model = text_sparse_model(converted, "llava")
     with torch.no_grad():
         cache = model(**inputs_for("llava"), use_cache=True).past_key_values
+    assert not cache.is_croppable
+    cache.crop(0)  # nothing to remove: fine
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
 
@@ -235,3 +237,27 @@ def test_eager_attention_matches_sdpa(base, converted):
     valid = inputs["attention_mask"].bool()
     assert (results["eager"][0] - results["sdpa"][0])[valid].abs().max() <= 1e-4
     assert results["eager"][1].tolist() == results["sdpa"][1].tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_teacher_forcing_equals_token_by_token_decoding(converted, use_cache):
+    """Feeding prompt + answer in one forward gives, at every answer position, the logits of step-by-step decoding."""
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+    prompt_width = inputs["input_ids"].shape[1]
+    steps = model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    step_logits = torch.stack(steps.logits, dim=1)  # [batch, NEW_TOKENS, vocab]: logits that chose each token
+    assert steps.past_key_values.sparsity_report()[2]["output_text_kept"] != [NEW_TOKENS - 1] * 2
+    sequence = steps.sequences[:, :-1]
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones(2, NEW_TOKENS - 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        forced = model(
+            input_ids=sequence,
+            attention_mask=attention_mask,
+            pixel_values=inputs["pixel_values"],
+            output_token_start=prompt_width,
+            use_cache=use_cache,
+        ).logits
+    assert (forced[:, prompt_width - 1 :] - step_logits).abs().max() <= 1e-4
