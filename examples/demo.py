@@ -12,13 +12,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForImageTextToText
+import numpy as np
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sparse_llava.tiny import IMAGE_TOKEN_ID, build_tiny_llava, tiny_inputs  # noqa: E402
+from sparse_llava.tiny import IMAGE_TOKEN_ID, build_tiny_llava  # noqa: E402
 
 
 def main() -> None:
@@ -61,13 +62,16 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(converted, trust_remote_code=True).eval()
     print(f"   -> {type(model).__module__}.{type(model).__name__}")
 
-    print("4. generating for a batch of two prompts with one image each (row 2 left-padded)")
-    inputs = tiny_inputs("llava", batch_size=2, left_padding=[0, 3])
-    torch.manual_seed(0)
+    print("4. generating for a batch of two prompts with one image each (the shorter prompt is left-padded)")
+    processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")) for _ in range(2)]
+    prompts = ["USER: <image> What is in the image ? ASSISTANT:", "USER: <image> a cat ? ASSISTANT:"]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     prompt_length = inputs["input_ids"].shape[1]
-    for row, tokens in enumerate(output.sequences[:, prompt_length:].tolist()):
-        print(f"   row {row}: generated token ids {tokens}")
+    for prompt, tokens in zip(prompts, output.sequences[:, prompt_length:]):
+        print(f"   {prompt!r} -> {processor.decode(tokens, skip_special_tokens=True)!r} (random weights)")
 
     cache = output.past_key_values
     image_tokens = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1).tolist()
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"{'layer':>5}  {'tokens held per row':>20}")
     for layer_idx in range(model.config.text_config.num_hidden_layers):
         print(f"{layer_idx:>5}  {str(cache.stored_tokens(layer_idx).tolist()):>20}")
-    print(f"KV cache memory: {cache.memory_bytes()} bytes")
+    print(f"KV cache memory: {cache.memory_bytes()} bytes held by the stored tokens")
 
 
 if __name__ == "__main__":

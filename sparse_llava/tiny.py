@@ -68,8 +68,14 @@ def tiny_base_config(
     raise ValueError(f"unknown base {base!r}")
 
 
-def build_tiny_llava(path, base: str = "llava", layout: str = "hub", seed: int = 0, **config_kwargs):
-    """Save a random tiny LLaVA (`base="llava"`) or LLaVA-NeXT (`base="llava_next"`) to `path`; return the model."""
+def build_tiny_llava(
+    path, base: str = "llava", layout: str = "hub", seed: int = 0, processor: bool = True, **config_kwargs
+):
+    """
+    Save a random tiny LLaVA (`base="llava"`) or LLaVA-NeXT (`base="llava_next"`) to `path`, with a matching
+    processor (a word-level tokenizer and a CLIP image processor, built offline) unless `processor=False`; return
+    the model.
+    """
     torch.manual_seed(seed)
     config = tiny_base_config(base, **config_kwargs)
     model_class = LlavaForConditionalGeneration if base == "llava" else LlavaNextForConditionalGeneration
@@ -78,11 +84,62 @@ def build_tiny_llava(path, base: str = "llava", layout: str = "hub", seed: int =
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     path = Path(path)
     model.save_pretrained(path)
+    if processor:
+        build_tiny_processor(base).save_pretrained(path)
     if layout == "hub":
         _nest_clip_tower(path)
     elif layout != "flat":
         raise ValueError(f"unknown layout {layout!r}")
     return model
+
+
+WORDS = ["USER:", "ASSISTANT:", "What", "is", "in", "the", "image", "?", "a", "cat", "dog", "red", "blue"]
+
+
+def build_tiny_processor(base: str = "llava"):
+    """A `LlavaProcessor` / `LlavaNextProcessor` for the tiny models: word-level tokenizer, 8-pixel images."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    words = WORDS + [f"w{index}" for index in range(VOCAB_SIZE)]
+    vocab = {token: index for index, token in enumerate((specials + words)[:IMAGE_TOKEN_ID])}
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in specials + ["<image>"]]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
+    common = dict(
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    if base == "llava":
+        from transformers import CLIPImageProcessor
+
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+        return LlavaProcessor(image_processor=image_processor, **common)
+    from transformers import LlavaNextImageProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=tiny_base_config("llava_next").image_grid_pinpoints,
+    )
+    return LlavaNextProcessor(image_processor=image_processor, **common)
 
 
 def _nest_clip_tower(path: Path) -> None:
