@@ -24,6 +24,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a source checkout: make the `sparse_llava` package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
+
 import sparse_llava  # noqa: E402
 
 
@@ -56,6 +58,8 @@ METHODS = {
         card_template="pmod.md",
     ),
 }
+
+SOURCE_FORMATS = ("llava-hf", *ORIGINAL_FORMATS, "yopo-original")
 
 # Files a llava-hf repo carries for its processor and tokenizer; copied as they are.
 PROCESSOR_FILES = [
@@ -113,11 +117,16 @@ def convert(
     seed: int = 0,
     revision: str | None = None,
     progress: bool = True,
+    from_format: str | None = None,
+    vision_tower: str | None = None,
 ) -> Path:
     """
     Convert the LLaVA checkpoint `base` (local folder or Hub id) into `method` and write it to `output`.
 
-    Returns the output folder. Raises `ConversionError` on bad input, leaving `output` untouched.
+    `base` is a llava-hf checkpoint, or one in the original LLaVA-repo layout (plain LLaVA-1.5 / 1.6, or a method's
+    released checkpoint), detected from its config or given by `from_format`; `vision_tower` supplies the CLIP
+    weights original LLaVA checkpoints lack. Returns the output folder. Raises `ConversionError` on bad input,
+    leaving `output` untouched.
     """
     from transformers import AutoConfig
 
@@ -133,48 +142,57 @@ def convert(
         raise ConversionError(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConversionError(f"output folder {output} is not empty; pass --overwrite to replace it")
-
-    step(f"reading the base config from {base}")
-    try:
-        base_config = AutoConfig.from_pretrained(base, revision=revision)
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
-
     overrides = dict(overrides or {})
     known_fields = {field.name for field in dataclasses.fields(spec.config_class)}
     unknown = sorted(set(overrides) - known_fields)
     if unknown:
         raise ConversionError(f"unknown setting(s) for {method}: {', '.join(unknown)}")
-    try:
-        config = spec.config_class.from_base_config(base_config, **overrides)
-    except (ValueError, TypeError) as error:
-        raise ConversionError(_first_line(error)) from None
 
-    step(f"loading the base weights into {spec.model_class.__name__}")
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    # The load report would list the method's new modules as missing; that is expected and checked below.
-    transformers_logging.set_verbosity_error()
-    try:
-        model, loading_info = spec.model_class.from_pretrained(
-            base, config=config, revision=revision, output_loading_info=True
-        )
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"cannot load the weights of {base!r}: {_first_line(error)}") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    new_prefixes = tuple(f"{name}." for name in model.new_module_names)
-    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(new_prefixes))
-    unexpected = sorted(loading_info["unexpected_keys"])
-    if missing or unexpected or loading_info.get("mismatched_keys"):
-        raise ConversionError(
-            f"{base} does not match a {base_config.model_type} checkpoint: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, mismatched {list(loading_info.get('mismatched_keys', []))[:5]}"
-        )
-    _initialise_new_modules(model, seed)
+    step(f"reading the base config from {base}")
+    source_format = from_format or detect_format(_read_config_dict(base, revision)) or "llava-hf"
+    if source_format not in SOURCE_FORMATS:
+        raise ConversionError(f"unknown source format {source_format!r}; choose one of: {', '.join(SOURCE_FORMATS)}")
+    if source_format == "yopo-original":
+        raise ConversionError(f"{base} is a YOPO checkpoint; the YOPO method is not implemented yet")
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.source.", dir=output.parent) as rewritten:
+        weights_source, copy_processor = base, True
+        if source_format == "llava-hf":
+            try:
+                base_config = AutoConfig.from_pretrained(base, revision=revision)
+            except (OSError, ValueError) as error:
+                raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
+        else:
+            step(f"reading the {source_format} checkpoint and renaming its tensors")
+            checkpoint = _read_original(base, revision, source_format, vision_tower, seed)
+            if checkpoint.method not in (None, method):
+                raise ConversionError(
+                    f"{base} is a {checkpoint.method} checkpoint; convert it with --method {checkpoint.method}"
+                )
+            for name in checkpoint.ignored:
+                step(f"  not used: {name}")
+            base_config, overrides = checkpoint.base_config, {**checkpoint.settings, **overrides}
+            # Written under the models' runtime names, then loaded like any checkpoint (memory-efficient loading).
+            from safetensors.torch import save_file
+
+            save_file(
+                {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()},
+                Path(rewritten) / "model.safetensors",
+                metadata={"format": "pt"},
+            )
+            _write_generation_config(base, revision, checkpoint.base_config, Path(rewritten))
+            weights_source, copy_processor, revision = rewritten, False, None
+            step("  the original tokenizer lacks <image>: use the processor of the matching llava-hf model")
+        try:
+            config = spec.config_class.from_base_config(base_config, **overrides)
+        except (ValueError, TypeError) as error:
+            raise ConversionError(_first_line(error)) from None
+        step(f"loading the base weights into {spec.model_class.__name__}")
+        model = _load_weights(spec, weights_source, config, revision, base)
+        if source_format == "llava-hf" or checkpoint.method != method:  # else the modules came with the checkpoint
+            _initialise_new_modules(model, seed)
+
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
@@ -187,7 +205,8 @@ def convert(
         model.save_pretrained(staging, max_shard_size="5GB")
         for code_file in hub_code_files(spec.modeling_module):
             shutil.copy2(code_file, staging / code_file.name)
-        _copy_processor_files(base, revision, staging)
+        if copy_processor:
+            _copy_processor_files(base, revision, staging)
         _write_model_card(spec, base, config, staging)
         step(f"moving the result into {output}")
         _replace_folder(staging, output)
@@ -196,6 +215,73 @@ def convert(
         raise
     step("done")
     return output
+
+
+def _read_config_dict(base: str, revision: str | None) -> dict:
+    """The source's config.json as a dict (local folder, or Hub id through huggingface_hub's cache)."""
+    try:
+        if Path(base).is_dir():
+            path = Path(base) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(base, "config.json", revision=revision))
+        return json.loads(path.read_text())
+    except Exception as error:  # missing folder or file, offline cache miss, bad JSON: all one message
+        raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
+
+
+def _write_generation_config(base, revision, base_config, destination: Path) -> None:
+    """The source's generation config with the added pad token, or one made from the base config."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(base, revision=revision)
+    except (OSError, TypeError, ValueError):
+        text_config = base_config.get_text_config()
+        generation_config = GenerationConfig(
+            bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id
+        )
+    generation_config.pad_token_id = base_config.pad_token_id
+    generation_config.save_pretrained(destination)
+
+
+def _read_original(base, revision, source_format, vision_tower, seed):
+    folder = Path(base)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(base, revision=revision))
+    try:
+        return read_original_checkpoint(folder, source_format, vision_tower, seed)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"cannot read the {source_format} checkpoint {base!r}: {_first_line(error)}") from None
+
+
+def _load_weights(spec: Method, source, config, revision, base):
+    """Load `source` into the method's class and check that every base parameter was found."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    # The load report would list the method's new modules as missing; that is expected and checked below.
+    transformers_logging.set_verbosity_error()
+    try:
+        model, loading_info = spec.model_class.from_pretrained(
+            source, config=config, revision=revision, output_loading_info=True
+        )
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot load the weights of {base!r}: {_first_line(error)}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    new_prefixes = tuple(f"{name}." for name in model.new_module_names)
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(new_prefixes))
+    unexpected = sorted(loading_info["unexpected_keys"])
+    if missing or unexpected or loading_info.get("mismatched_keys"):
+        raise ConversionError(
+            f"{base} does not match a {config.base_model_type} checkpoint: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, mismatched {list(loading_info.get('mismatched_keys', []))[:5]}"
+        )
+    return model
 
 
 def _initialise_new_modules(model, seed: int) -> None:
