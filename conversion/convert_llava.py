@@ -309,8 +309,21 @@ def _write_model_card(spec: Method, base: str, config, destination: Path) -> Non
     template = sparse_llava.resource_folder("hub_cards") / spec.card_template
     settings = {field: getattr(config, field) for field in _method_fields(spec.config_class)}
     settings_text = "\n".join(f"- `{key}`: `{json.dumps(value)}`" for key, value in settings.items())
-    card = template.read_text().format(base_model=base, settings=settings_text, base_model_type=config.base_model_type)
+    card = template.read_text().format(
+        base_model=base, settings=settings_text, base_model_type=config.base_model_type, license=_base_license(base)
+    )
     (destination / "README.md").write_text(card)
+
+
+def _base_license(base: str) -> str:
+    """The license in the base model's card (the converted weights inherit it), or "other" when it has none."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(Path(base) / "README.md" if Path(base).is_dir() else base)
+        return card.data.license or "other"
+    except Exception:  # no card, offline cache without it, unparsable metadata
+        return "other"
 
 
 def _method_fields(config_class) -> list[str]:
