@@ -189,8 +189,9 @@ def convert(
         except (ValueError, TypeError) as error:
             raise ConversionError(_first_line(error)) from None
         step(f"loading the base weights into {spec.model_class.__name__}")
-        model = _load_weights(spec, weights_source, config, revision, base)
-        if source_format == "llava-hf" or checkpoint.method != method:  # else the modules came with the checkpoint
+        brings_new_modules = source_format != "llava-hf" and checkpoint.method == method
+        model = _load_weights(spec, weights_source, config, revision, base, brings_new_modules)
+        if not brings_new_modules:
             _initialise_new_modules(model, seed)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -258,8 +259,8 @@ def _read_original(base, revision, source_format, vision_tower, seed):
         raise ConversionError(f"cannot read the {source_format} checkpoint {base!r}: {_first_line(error)}") from None
 
 
-def _load_weights(spec: Method, source, config, revision, base):
-    """Load `source` into the method's class and check that every base parameter was found."""
+def _load_weights(spec: Method, source, config, revision, base, brings_new_modules: bool):
+    """Load `source` into the method's class and check that every parameter (but the method's new ones) was found."""
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
@@ -273,7 +274,7 @@ def _load_weights(spec: Method, source, config, revision, base):
         raise ConversionError(f"cannot load the weights of {base!r}: {_first_line(error)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    new_prefixes = tuple(f"{name}." for name in model.new_module_names)
+    new_prefixes = () if brings_new_modules else tuple(f"{name}." for name in model.new_module_names)
     missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(new_prefixes))
     unexpected = sorted(loading_info["unexpected_keys"])
     if missing or unexpected or loading_info.get("mismatched_keys"):
