@@ -16,6 +16,7 @@ over what each layer holds.
 """
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -93,20 +94,33 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
         kept = replace(stream.select(stream.admit), admit=None)  # what remains is all kept
-        attention, _ = decoder_layer.self_attn(
-            hidden_states=decoder_layer.input_layernorm(kept.hidden_states),
-            attention_mask=self.layer_attention_mask(layer_idx, kept, cache),
-            past_key_values=cache,
-            position_embeddings=kept.position_embeddings,
-            **kwargs,
-        )
-        h = kept.hidden_states + attention
-        ffn = decoder_layer.mlp(decoder_layer.post_attention_layernorm(h))
+        attention_mask = self.layer_attention_mask(layer_idx, kept, cache)
         kept_weight = torch.where(self.routed(kept), weight.gather(1, kept.source_index), 1.0)
-        kept_output = h + kept_weight.unsqueeze(-1).to(ffn.dtype) * ffn
+        block = partial(self.kept_tokens_block, decoder_layer, cache=cache, **kwargs)
+        if decoder_layer.gradient_checkpointing and self.training and cache is None:
+            # The layer's own checkpointing wrapper is bypassed here (its sub-modules are called), so apply it.
+            kept_output = decoder_layer._gradient_checkpointing_func(
+                block, kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings
+            )
+        else:
+            kept_output = block(kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings)
 
         skipped_output = torch.where(routed.unsqueeze(-1), weight.unsqueeze(-1).to(x.dtype) * x, x)
         return scatter_to_columns(kept_output, kept, skipped_output)
+
+    @staticmethod
+    def kept_tokens_block(decoder_layer, hidden_states, weight, attention_mask, cos, sin, cache=None, **kwargs):
+        """A decoder layer with its FFN branch scaled by `weight`: `h + w * FFN(h)`, `h = x + Attn(x)`."""
+        attention, _ = decoder_layer.self_attn(
+            hidden_states=decoder_layer.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_embeddings=(cos, sin),
+            **kwargs,
+        )
+        h = hidden_states + attention
+        ffn = decoder_layer.mlp(decoder_layer.post_attention_layernorm(h))
+        return h + weight.unsqueeze(-1).to(ffn.dtype) * ffn
 
 
 __all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter"]

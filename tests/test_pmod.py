@@ -202,3 +202,19 @@ def test_sparsity_report_counts_skipped_tokens(deep_bases):
         kept = [math.floor(int(n) * model.config.retention_ratio(layer_idx)) for n in vision]
         assert counts["image_kept"] == kept and counts["image_seen"] == vision.tolist()
     assert output.past_key_values.sparsity_report()[20]["image_kept"] == output.sparsity_report()[20]["image_kept"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(deep_bases):
+    inputs = inputs_for("llava")
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN_ID, -100)
+    gradients = []
+    for checkpointing in (False, True):
+        model = pmod_from(deep_bases["llava"]).train()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+            assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        gradients.append(torch.cat([router.weight.grad.flatten() for router in model.routers.values()]))
+    assert gradients[0].abs().sum() > 0
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
