@@ -209,3 +209,19 @@ def test_bad_inputs_give_clear_errors(converted):
         model(**inputs, output_attentions=True)
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(pixel_values=inputs["pixel_values"])
+
+
+def test_text_only_and_inputs_embeds(base_checkpoints, converted):
+    base_model = base_checkpoints[("llava", "hub")][1]
+    model = load_dynamic(converted("llava", **DENSE_EQUIVALENT))
+    text_only = torch.randint(4, 90, (2, 10))
+    expected = base_model.generate(input_ids=text_only, max_new_tokens=4, do_sample=False)
+    assert model.generate(input_ids=text_only, max_new_tokens=4, do_sample=False).tolist() == expected.tolist()
+    inputs = inputs_for("llava")
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_embeds = model(
+            inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"]
+        ).logits
+    assert torch.equal(from_ids, from_embeds)
