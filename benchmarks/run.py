@@ -32,12 +32,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fastv import FastVLlava  # noqa: E402
 
 from sparse_llava import (  # noqa: E402
     DynamicLlavaConfig,
     DynamicLlavaForConditionalGeneration,
     PMoDConfig,
     PMoDLlavaForConditionalGeneration,
+    SparseLlavaConfig,
 )
 
 IMAGE_TOKEN_ID = 32000
@@ -93,6 +97,8 @@ def build_models(device) -> dict:
     )
     models = {
         "dense": dense,
+        # The training-free baseline the papers compare against (benchmarks/fastv.py): layer 2, 50% of image tokens.
+        "fastv": FastVLlava(SparseLlavaConfig.from_base_config(config)),
         "dynamic-llava": DynamicLlavaForConditionalGeneration(dynamic_config),
         # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
         "p-mod": PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config)),

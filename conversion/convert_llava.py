@@ -24,9 +24,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a source checkout: make the `sparse_llava` package importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
-
 import sparse_llava  # noqa: E402
+from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
 
 
 class ConversionError(ValueError):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import SMALL_PREDICTOR
 from safetensors.torch import load_file
-from sparse_llava.convert_llava import ConversionError, convert, hub_code_files, main
 
 import sparse_llava
+from sparse_llava.convert_llava import ConversionError, convert, hub_code_files, main
 from sparse_llava.tiny import read_weight_names, tiny_inputs
 
 REPO = Path(__file__).resolve().parents[1]

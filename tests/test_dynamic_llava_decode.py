@@ -3,8 +3,9 @@
 import pytest
 import torch
 from conftest import load_dynamic
-from sparse_llava.cache_sparse_llava import SparseCache, write_token
 from test_dynamic_llava_prefill import inputs_for, row_alone, spread_predictor_scores
+
+from sparse_llava.cache_sparse_llava import SparseCache, write_token
 
 NEW_TOKENS = 12
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from sparse_llava.push_to_hub import PushError, files_to_upload, main, push
 
 
@@ -53,6 +54,7 @@ def test_refuses_what_is_not_a_converted_model(converted, tmp_path, capsys):
 
 def test_model_card_metadata(base_checkpoints, tmp_path):
     from huggingface_hub import ModelCard
+
     from sparse_llava.convert_llava import convert
 
     base = tmp_path / "base"

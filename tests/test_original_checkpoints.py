@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import SMALL_PREDICTOR
 from safetensors.torch import save_file
-from sparse_llava.convert_llava import ConversionError, convert
 from transformers import CLIPVisionConfig
 
 import sparse_llava
+from sparse_llava.convert_llava import ConversionError, convert
 from sparse_llava.tiny import IMAGE_SIZE, PATCH_SIZE, build_tiny_llava
 
 ORIGINAL_VOCAB = 64  # the original tokenizer's vocabulary; <image> = 64 and <pad> = 65 are added on import
