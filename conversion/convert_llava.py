@@ -173,13 +173,10 @@ def convert(
                 step(f"  not used: {name}")
             base_config, overrides = checkpoint.base_config, {**checkpoint.settings, **overrides}
             # Written under the models' runtime names, then loaded like any checkpoint (memory-efficient loading).
-            from safetensors.torch import save_file
+            from huggingface_hub import save_torch_state_dict
 
-            save_file(
-                {name: tensor.contiguous() for name, tensor in checkpoint.tensors.items()},
-                Path(rewritten) / "model.safetensors",
-                metadata={"format": "pt"},
-            )
+            save_torch_state_dict(checkpoint.tensors, rewritten, max_shard_size="5GB")
+            checkpoint.tensors.clear()
             _write_generation_config(base, revision, checkpoint.base_config, Path(rewritten))
             weights_source, copy_processor, revision = rewritten, False, None
             step("  the original tokenizer lacks <image>: use the processor of the matching llava-hf model")
@@ -247,14 +244,14 @@ def _write_generation_config(base, revision, base_config, destination: Path) -> 
 
 
 def _read_original(base, revision, source_format, vision_tower, seed):
-    folder = Path(base)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(base, revision=revision))
     try:
+        folder = Path(base)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, revision=revision))
         return read_original_checkpoint(folder, source_format, vision_tower, seed)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # unreadable files, missing fields, odd values: all reported in one line
         raise ConversionError(f"cannot read the {source_format} checkpoint {base!r}: {_first_line(error)}") from None
 
 
@@ -353,7 +350,8 @@ def _first_line(error: BaseException) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Convert a llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoint into a sparse-llava model folder."
+        description="Convert a LLaVA-1.5 / LLaVA-NeXT checkpoint (llava-hf layout, original LLaVA-repo layout, or a "
+        "method's released checkpoint) into a sparse-llava model folder."
     )
     parser.add_argument("--base", required=True, help="local folder or Hub repo id of the base checkpoint")
     parser.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
@@ -369,6 +367,17 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed for the method's new weights (default 0)")
     parser.add_argument("--revision", default=None, help="revision of a Hub base checkpoint")
+    parser.add_argument(
+        "--from-format",
+        default=None,
+        choices=SOURCE_FORMATS,
+        help="layout of --base (default: detected from its config)",
+    )
+    parser.add_argument(
+        "--vision-tower",
+        default=None,
+        help="CLIP checkpoint (folder or Hub id) for original LLaVA checkpoints, which lack the vision weights",
+    )
     args = parser.parse_args(argv)
     try:
         convert(
@@ -379,6 +388,8 @@ def main(argv=None) -> int:
             args.overwrite,
             args.seed,
             args.revision,
+            from_format=args.from_format,
+            vision_tower=args.vision_tower,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

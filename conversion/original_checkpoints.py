@@ -51,6 +51,7 @@ LLAMA_FIELDS = (
     "eos_token_id",
     "attention_bias",
     "tie_word_embeddings",
+    "rope_scaling",
 )
 
 
@@ -119,7 +120,7 @@ def read_original_checkpoint(folder, source_format: str, vision_tower=None, seed
         vision_config = CLIPVisionConfig.from_pretrained(vision_folder)
         if not has_tower:  # a tower inside the checkpoint wins; --vision-tower then only gives its config
             vision_tensors = read_tensors(vision_folder)
-    elif config.get("mm_vision_tower", "").rstrip("/").endswith("clip-vit-large-patch14-336"):
+    elif (config.get("mm_vision_tower") or "").rstrip("/").endswith("clip-vit-large-patch14-336"):
         vision_config = CLIPVisionConfig(**CLIP_L_336)
     tensors, ignored = {}, []
     for name, tensor in {**source, **{f"clip::{key}": value for key, value in vision_tensors.items()}}.items():
@@ -128,13 +129,14 @@ def read_original_checkpoint(folder, source_format: str, vision_tower=None, seed
             ignored.append(name)
         else:
             tensors[target] = tensor
-    if vision_config is None or not any(name.startswith("model.vision_tower.") for name in tensors):
+    if not any(name.startswith("model.vision_tower.") for name in tensors):
+        raise ValueError(f"{folder} has no CLIP vision tower weights: pass --vision-tower with a CLIP checkpoint")
+    if vision_config is None:
         raise ValueError(
-            f"{folder} has no CLIP vision tower weights: pass --vision-tower with a CLIP checkpoint "
-            f"(the source's mm_vision_tower is {config.get('mm_vision_tower')!r})"
+            f"no config for the vision tower {config.get('mm_vision_tower')!r}: pass --vision-tower with its checkpoint"
         )
 
-    text_config = {key: config[key] for key in LLAMA_FIELDS if key in config}
+    text_config = {key: config[key] for key in LLAMA_FIELDS if config.get(key) is not None}
     text_config["model_type"] = "llama"
     original_vocab = config["vocab_size"]
     vocab_size = -(-(original_vocab + 2) // 64) * 64
@@ -142,16 +144,15 @@ def read_original_checkpoint(folder, source_format: str, vision_tower=None, seed
     for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         tensors[name] = _grow_rows(tensors[name], vocab_size, seed)
 
+    strategy = "default" if config.get("mm_vision_select_feature", "patch") == "patch" else "full"
     common = dict(
         text_config=text_config,
         vision_config=vision_config.to_dict(),
         image_token_index=original_vocab,
         pad_token_id=original_vocab + 1,
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default"
-        if config.get("mm_vision_select_feature", "patch") == "patch"
-        else "full",
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=strategy,
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2 + (strategy == "full"),
     )
     if str(config.get("image_aspect_ratio", "")).startswith("anyres") or "model.image_newline" in tensors:
         base_config = LlavaNextConfig(**common, image_grid_pinpoints=config.get("image_grid_pinpoints"))
@@ -221,12 +222,14 @@ def _method_settings(source_format: str, config: dict) -> tuple[str | None, dict
         settings = {ours: sparse[theirs] for theirs, ours in renames.items() if theirs in sparse}
         use_text = sparse.get("use_text_predictor", True) and sparse.get("use_output_text_predictor", True)
         settings["text_sparsification"] = bool(use_text)
+        if not sparse.get("use_vision_predictor", True):
+            settings["vision_keep_ratio"] = 1.0
         return "dynamic-llava", settings
     if source_format == "pmod-original":
-        schedule = re.fullmatch(r"shiftedcos_decay_(\d+\.\d+)_(\d+\.\d+)", config.get("mod_target_layers", ""))
+        schedule = re.fullmatch(r"shiftedcos_decay_(\d+\.\d+)_(\d+\.\d+)", config.get("mod_target_layers") or "")
         if schedule is None:
             raise ValueError(f"unsupported p-MoD mod_target_layers {config.get('mod_target_layers')!r}")
-        norm = re.fullmatch(r"tanh_(\d+(?:\.\d+)?)_1", config.get("mod_weight_norm", "tanh_0.2_1"))
+        norm = re.fullmatch(r"tanh_(\d+(?:\.\d+)?)_1", config.get("mod_weight_norm") or "tanh_0.2_1")
         if norm is None:
             raise ValueError(f"unsupported p-MoD mod_weight_norm {config.get('mod_weight_norm')!r}")
         settings = {

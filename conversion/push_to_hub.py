@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' "5GB"
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.py"]
 
 
 class PushError(ValueError):
@@ -39,11 +40,15 @@ def files_to_upload(folder) -> list[Path]:
     for path in weights:
         if path.stat().st_size > MAX_SHARD_BYTES:
             raise PushError(f"{path.name} is larger than 5 GB; re-save with max_shard_size='5GB'")
-    return sorted(
+    files = sorted(
         path.relative_to(folder)
         for path in folder.rglob("*")
-        if path.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in path.parts)
+        if path.is_file()
+        and not any(part.startswith(".") or part == "__pycache__" for part in path.relative_to(folder).parts)
     )
+    if Path("config.json") not in files:
+        raise PushError(f"nothing to upload from {folder}")
+    return files
 
 
 def push(
@@ -74,6 +79,8 @@ def push(
         revision=revision,
         commit_message=commit_message,
         allow_patterns=[str(path) for path in files],
+        # A re-push must not leave stale weights or code behind (e.g. a single file next to new shards).
+        delete_patterns=STALE_PATTERNS,
     )
     return files
 

@@ -21,9 +21,12 @@ from transformers import GenerationMixin, LlavaModel, LlavaNextModel, PreTrained
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
 from .configuration_sparse_llava import SparseLlavaConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -281,6 +284,10 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
 
         if use_cache is None:
             use_cache = self.config.get_text_config().use_cache and not self.training
+        if use_cache and self.training and self.is_gradient_checkpointing:
+            # The checkpointed layers would not write their K/V, leaving the cache inconsistent across layers.
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         if past_key_values is not None and not isinstance(past_key_values, SparseCache):

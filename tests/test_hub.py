@@ -1,6 +1,7 @@
 """Pushing a converted folder: the checks, the dry run, and the calls made to the Hub API (recorded, no network)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,14 @@ def test_converted_model_loads_by_repo_id_from_an_offline_cache(converted, tmp_p
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["DynamicLlavaForConditionalGeneration", "LlavaProcessor"]
+
+
+def test_folder_given_through_a_parent_path(converted, tmp_path, monkeypatch):
+    """Paths with `..` or hidden parents still list the folder's files (only hidden files inside are skipped)."""
+    output = converted("llava")
+    monkeypatch.chdir(tmp_path)
+    relative = Path("..") / output.relative_to(tmp_path.parent) if output.is_relative_to(tmp_path.parent) else output
+    assert {str(path) for path in files_to_upload(relative)} == {str(path) for path in files_to_upload(output)}
+    api = RecordingApi()
+    push(output, "org/tiny", api=api)
+    assert "*.safetensors" in api.calls[-1][2]["delete_patterns"]

@@ -284,3 +284,16 @@ def test_pmod_release_next_bin_with_tower_inside(sources, tmp_path):
             assert torch.equal(state[name][:ORIGINAL_VOCAB], tensor[:ORIGINAL_VOCAB]), name
         else:
             assert torch.equal(state[name], tensor), name
+
+
+def test_cli_flags_for_original_checkpoints(sources, tmp_path, capsys):
+    from sparse_llava.convert_llava import main
+
+    root, models, clip = sources
+    source = tmp_path / "liuhaotian-llava"
+    write_checkpoint(source, original_config(models["llava"]), original_tensors(models["llava"]))
+    args = ["--base", str(source), "--method", "p-mod", "--output", str(tmp_path / "out")]
+    assert main([*args, "--from-format", "llava-original", "--vision-tower", str(clip)]) == 0
+    assert sparse_llava.PMoDLlavaForConditionalGeneration.from_pretrained(tmp_path / "out").config.mod_layers
+    assert main([*args[:-1], str(tmp_path / "out2"), "--from-format", "pmod-original"]) == 2
+    assert "cannot read the pmod-original checkpoint" in capsys.readouterr().err

@@ -213,8 +213,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(deep_bases):
         if checkpointing:
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
+        output = model(**inputs, labels=labels, use_cache=True)
+        # With checkpointing a cache would be half-written (checkpointed layers do not store K/V): none is made.
+        assert (output.past_key_values is None) == checkpointing
+        output.loss.backward()
         gradients.append(torch.cat([router.weight.grad.flatten() for router in model.routers.values()]))
     assert gradients[0].abs().sum() > 0
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
