@@ -118,13 +118,15 @@ def convert(
     progress: bool = True,
     from_format: str | None = None,
     vision_tower: str | None = None,
+    processor: str | None = None,
 ) -> Path:
     """
     Convert the LLaVA checkpoint `base` (local folder or Hub id) into `method` and write it to `output`.
 
     `base` is a llava-hf checkpoint, or one in the original LLaVA-repo layout (plain LLaVA-1.5 / 1.6, or a method's
     released checkpoint), detected from its config or given by `from_format`; `vision_tower` supplies the CLIP
-    weights original LLaVA checkpoints lack. Returns the output folder. Raises `ConversionError` on bad input,
+    weights original LLaVA checkpoints lack; `processor` (a llava-hf folder or Hub id) supplies the processor and
+    tokenizer files instead of the source's. Returns the output folder. Raises `ConversionError` on bad input,
     leaving `output` untouched.
     """
     from transformers import AutoConfig
@@ -179,7 +181,8 @@ def convert(
             checkpoint.tensors.clear()
             _write_generation_config(base, revision, checkpoint.base_config, Path(rewritten))
             weights_source, copy_processor, revision = rewritten, False, None
-            step("  the original tokenizer lacks <image>: use the processor of the matching llava-hf model")
+            if processor is None:
+                step("  the original tokenizer lacks <image>: pass --processor with the matching llava-hf model")
         try:
             config = spec.config_class.from_base_config(base_config, **overrides)
         except (ValueError, TypeError) as error:
@@ -202,7 +205,10 @@ def convert(
         model.save_pretrained(staging, max_shard_size="5GB")
         for code_file in hub_code_files(spec.modeling_module):
             shutil.copy2(code_file, staging / code_file.name)
-        if copy_processor:
+        if processor is not None:
+            _copy_processor_files(processor, None, staging)
+            _check_image_token(staging, config)
+        elif copy_processor:
             _copy_processor_files(base, revision, staging)
         _write_model_card(spec, base, config, staging)
         step(f"moving the result into {output}")
@@ -302,6 +308,20 @@ def _copy_processor_files(base: str, revision: str | None, destination: Path) ->
             shutil.copy2(source / name, destination / name)
 
 
+def _check_image_token(folder: Path, config) -> None:
+    """The processor's `<image>` token must be the model's image token."""
+    from transformers import AutoTokenizer
+
+    try:
+        image_token_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<image>")
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read the tokenizer of --processor: {_first_line(error)}") from None
+    if image_token_id != config.image_token_id:
+        raise ConversionError(
+            f"the --processor tokenizer maps <image> to {image_token_id}, the model expects {config.image_token_id}"
+        )
+
+
 def _write_model_card(spec: Method, base: str, config, destination: Path) -> None:
     template = sparse_llava.resource_folder("hub_cards") / spec.card_template
     settings = {field: getattr(config, field) for field in _method_fields(spec.config_class)}
@@ -378,6 +398,11 @@ def main(argv=None) -> int:
         default=None,
         help="CLIP checkpoint (folder or Hub id) for original LLaVA checkpoints, which lack the vision weights",
     )
+    parser.add_argument(
+        "--processor",
+        default=None,
+        help="llava-hf folder or Hub id whose processor/tokenizer files to ship (for original-layout sources)",
+    )
     args = parser.parse_args(argv)
     try:
         convert(
@@ -390,6 +415,7 @@ def main(argv=None) -> int:
             args.revision,
             from_format=args.from_format,
             vision_tower=args.vision_tower,
+            processor=args.processor,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

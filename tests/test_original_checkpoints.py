@@ -297,3 +297,17 @@ def test_cli_flags_for_original_checkpoints(sources, tmp_path, capsys):
     assert sparse_llava.PMoDLlavaForConditionalGeneration.from_pretrained(tmp_path / "out").config.mod_layers
     assert main([*args[:-1], str(tmp_path / "out2"), "--from-format", "pmod-original"]) == 2
     assert "cannot read the pmod-original checkpoint" in capsys.readouterr().err
+
+
+def test_processor_from_a_llava_hf_model(sources, base_checkpoints, tmp_path):
+    root, models, clip = sources
+    source = tmp_path / "liuhaotian-llava"
+    write_checkpoint(source, original_config(models["llava"]), original_tensors(models["llava"]))
+    hf_with_processor = str(base_checkpoints[("llava", "hub")][0])  # its <image> is 98, the import's is 64
+    with pytest.raises(ConversionError, match="maps <image> to 98, the model expects 64"):
+        convert(
+            str(source), "p-mod", tmp_path / "out", vision_tower=str(clip), processor=hf_with_processor, progress=False
+        )
+    assert not (tmp_path / "out").exists()
+    output = convert(hf_with_processor, "p-mod", tmp_path / "ok", processor=hf_with_processor, progress=False)
+    assert (output / "tokenizer.json").is_file() and (output / "processor_config.json").is_file()
