@@ -284,7 +284,8 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
 
         if use_cache is None:
             use_cache = self.config.get_text_config().use_cache and not self.training
-        if use_cache and self.training and self.is_gradient_checkpointing:
+        checkpointing = any(layer.gradient_checkpointing for layer in self.language_model.layers)
+        if use_cache and self.training and checkpointing:
             # The checkpointed layers would not write their K/V, leaving the cache inconsistent across layers.
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
