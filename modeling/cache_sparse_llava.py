@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+# The per-row token counts the models report for each layer (`TokenStream.token_counts`).
+COUNT_NAMES = ("image_kept", "image_seen", "output_text_kept", "output_text_seen")
+
 
 @dataclass
 class IncomingChunk:
@@ -76,7 +79,6 @@ class SparseCacheLayer(DynamicLayer):
         # Host-side upper bound on max(next_slot): exact after a multi-token chunk, +1 per single-token step.
         self.slot_bound = 0
         self.single_token_step = False
-        self.stats: dict[str, torch.Tensor] = {}
 
     # --- storage ------------------------------------------------------------------------------------------------
 
@@ -172,21 +174,16 @@ class SparseCacheLayer(DynamicLayer):
 
     # --- generation utilities -------------------------------------------------------------------------------------
 
-    def _per_row_state(self):
-        return ("keys", "values", "valid", "next_slot")
-
     def _apply_to_rows(self, function) -> None:
-        for name in self._per_row_state():
+        for name in ("keys", "values", "valid", "next_slot"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, function(tensor))
-        self.stats = {name: function(counts) for name, counts in self.stats.items()}
 
     def reset(self) -> None:
         super().reset()
         self.valid = self.next_slot = None
         self.slot_bound = 0
-        self.stats = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -224,6 +221,8 @@ class SparseCache(Cache):
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[SparseCacheLayer(growth_block) for _ in range(num_layers)])
         self._incoming: IncomingChunk | None = None
+        # [layer, count, batch] running sums of the models' token counts (see `record`).
+        self.token_stats: torch.Tensor | None = None
 
     def begin_chunk(self, layer_idx: int, chunk: IncomingChunk) -> torch.Tensor:
         """Announce the chunk the next `update` of `layer_idx` receives; returns the layer's 2-D attention mask."""
@@ -236,9 +235,6 @@ class SparseCache(Cache):
         if self._incoming is None:
             raise RuntimeError("SparseCache.update called without begin_chunk(): use it with a sparse-llava model")
         return self.layers[layer_idx].update(key_states, value_states, self._incoming)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Masks are built in the physical index space of the layer (see module docstring).
@@ -261,19 +257,46 @@ class SparseCache(Cache):
         """Bytes of the key/value buffers as allocated (includes padding rows' slack and unused capacity)."""
         return sum(layer.allocated_bytes() for layer in self.layers)
 
-    def record(self, layer_idx: int, stats: dict[str, torch.Tensor]) -> None:
-        """Add a forward's per-row token counts (see `SparseLlavaForConditionalGeneration`) to layer `layer_idx`."""
-        totals = self.layers[layer_idx].stats
-        for name, counts in stats.items():
-            totals[name] = totals[name] + counts if name in totals else counts
+    def record(self, token_counts: list[dict[str, torch.Tensor]]) -> None:
+        """
+        Add one forward's per-layer, per-row token counts (see `SparseLlavaForConditionalGeneration.run_decoder`).
+        Consecutive layers share one count object, so a decode step costs a few tensor operations, not one per layer.
+        """
+        increments, start = [], 0
+        for end in range(1, len(token_counts) + 1):
+            if end == len(token_counts) or token_counts[end] is not token_counts[start]:
+                counts = torch.stack([token_counts[start][name] for name in COUNT_NAMES])
+                increments.append(counts.unsqueeze(0).expand(end - start, -1, -1))
+                start = end
+        increment = torch.cat(increments)
+        self.token_stats = increment if self.token_stats is None else self.token_stats + increment
 
     def sparsity_report(self) -> list[dict[str, list[int]]]:
         """Per layer, per row: tokens stored, and kept versus seen for image tokens and for output text."""
-        return [
-            {
-                "stored": layer.stored_tokens().tolist(),
-                **{name: counts.tolist() for name, counts in layer.stats.items()},
-            }
-            for layer in self.layers
-            if layer.valid is not None
-        ]
+        report = []
+        for layer_idx, layer in enumerate(self.layers):
+            if layer.valid is None:
+                continue
+            counts = {} if self.token_stats is None else dict(zip(COUNT_NAMES, self.token_stats[layer_idx].tolist()))
+            report.append({"stored": layer.stored_tokens().tolist(), **counts})
+        return report
+
+    def _apply_to_stats(self, function) -> None:
+        if self.token_stats is not None:
+            self.token_stats = function(self.token_stats.transpose(0, 2)).transpose(0, 2)
+
+    def reset(self) -> None:
+        super().reset()
+        self.token_stats = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_to_stats(lambda stats: stats.index_select(0, beam_idx.to(stats.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_to_stats(lambda stats: stats.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_to_stats(lambda stats: stats[indices, ...])

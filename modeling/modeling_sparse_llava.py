@@ -407,9 +407,9 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             if stream.valid is not previous.valid or stream.admit is not previous.admit:
                 counts = stream.token_counts(seen)
             token_counts.append(counts)
-            if cache is not None:
-                cache.record(layer_idx, counts)
             stream = replace(stream, hidden_states=self.run_layer(layer_idx, decoder_layer, stream, cache, **kwargs))
+        if cache is not None:
+            cache.record(token_counts)
         return stream, token_counts
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random LLaVA-1.5 / LLaVA-NeXT checkpoints in the llava-hf layout, and their conversions."""
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +76,14 @@ def converted_pmod(base_checkpoints, tmp_path_factory):
         return made[key]
 
     return make
+
+
+def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path) -> Path:
+    """Put `folder` into a huggingface_hub cache as the `main` revision of `repo_id`; returns the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(hub_cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_PREDICTOR
+from conftest import SMALL_PREDICTOR, fill_hub_cache
 from safetensors.torch import load_file
 
 import sparse_llava
@@ -91,9 +92,7 @@ def test_new_weights_come_from_the_seed(base_checkpoints, tmp_path):
 
 def test_processor_files_are_copied(base_checkpoints, tmp_path):
     base = tmp_path / "base"
-    base.mkdir()
-    for path in base_checkpoints[("llava", "hub")][0].iterdir():
-        (base / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(base_checkpoints[("llava", "hub")][0], base)
     (base / "chat_template.jinja").write_text("{{ messages }}")
     (base / "preprocessor_config.json").write_text('{"image_processor_type": "CLIPImageProcessor"}')
     output = convert(str(base), "dynamic-llava", tmp_path / "out", SMALL_PREDICTOR, progress=False)
@@ -205,15 +204,8 @@ def test_failure_leaves_nothing_half_written(base_checkpoints, tmp_path, monkeyp
 
 def test_hub_id_from_a_prefilled_offline_cache(base_checkpoints, tmp_path):
     """`--base org/name` goes through huggingface_hub's cache, as a download would, with the network off."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--llava-hf--tiny-llava-1.5-hf"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for path in base_checkpoints[("llava", "hub")][0].iterdir():
-        (snapshot / path.name).write_bytes(path.read_bytes())
+    snapshot = fill_hub_cache(tmp_path / "hub", "llava-hf/tiny-llava-1.5-hf", base_checkpoints[("llava", "hub")][0])
     (snapshot / "chat_template.jinja").write_text("{{ messages }}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     output = tmp_path / "out"

@@ -1,9 +1,11 @@
 """Pushing a converted folder: the checks, the dry run, and the calls made to the Hub API (recorded, no network)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import fill_hub_cache
 
 from sparse_llava.push_to_hub import PushError, files_to_upload, main, push
 
@@ -59,9 +61,7 @@ def test_model_card_metadata(base_checkpoints, tmp_path):
     from sparse_llava.convert_llava import convert
 
     base = tmp_path / "base"
-    base.mkdir()
-    for path in base_checkpoints[("llava", "hub")][0].iterdir():
-        (base / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(base_checkpoints[("llava", "hub")][0], base)
     (base / "README.md").write_text("---\nlicense: llama2\n---\n# tiny\n")
     for method, tag in (("dynamic-llava", "dynamic-llava"), ("p-mod", "p-mod")):
         output = convert(str(base), method, tmp_path / method, {}, progress=False)
@@ -78,13 +78,7 @@ def test_converted_model_loads_by_repo_id_from_an_offline_cache(converted, tmp_p
     import subprocess
     import sys
 
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hub" / "models--org--tiny-dynamic-llava"
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    for path in files_to_upload(converted("llava")):
-        (repo / "snapshots" / commit / path).write_bytes((converted("llava") / path).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    fill_hub_cache(tmp_path / "hub", "org/tiny-dynamic-llava", converted("llava"))
     probe = (
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
         "model = AutoModelForImageTextToText.from_pretrained('org/tiny-dynamic-llava', trust_remote_code=True)\n"
