@@ -10,8 +10,8 @@ transformers' own `DynamicSlidingWindowLayer`, each layer keeps two notions of l
   sized from it.
 
 Each layer holds rectangular buffers `[batch, heads, capacity, head_dim]`, a per-row validity mask
-`valid[batch, capacity]` (padding, holes and unused capacity are False, and attention never reads them) and a per-row
-write pointer `next_slot[batch]`:
+`valid[batch, capacity]` (padding, holes and unused capacity are False, and attention never reads them), which of them
+hold image tokens (`image[batch, capacity]`), and a per-row write pointer `next_slot[batch]`:
 
 * a multi-token chunk (a prompt, a new user turn) is appended whole at the same column in every row;
 * a single new token is written at its row's pointer, attends to what the row holds plus itself, and is *admitted*
@@ -39,6 +39,7 @@ class IncomingChunk:
     valid: torch.Tensor  # [batch, chunk] bool
     admit: torch.Tensor | None  # [batch, chunk] bool, or None to admit every valid slot
     logical_length: int  # number of input tokens the chunk stands for
+    is_image: torch.Tensor | None = None  # [batch, chunk] bool: image tokens (None: the chunk has none)
 
 
 def write_token(
@@ -74,11 +75,13 @@ class SparseCacheLayer(DynamicLayer):
         super().__init__()
         self.growth_block = growth_block
         self.valid: torch.Tensor | None = None
+        self.image: torch.Tensor | None = None
         self.next_slot: torch.Tensor | None = None
         self.cumulative_length = 0
         # Host-side upper bound on max(next_slot): exact after a multi-token chunk, +1 per single-token step.
         self.slot_bound = 0
         self.single_token_step = False
+        self.holds_images = False  # whether a chunk with image tokens was stored (known on the host)
 
     # --- storage ------------------------------------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class SparseCacheLayer(DynamicLayer):
         """Get ready to receive a chunk: make room, and for multi-token chunks align the rows' write pointers."""
         if self.valid is None:
             self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
+            self.image = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
             self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.single_token_step = chunk_length == 1
         if self.single_token_step and self.slot_bound + 1 <= self.capacity:
@@ -110,6 +114,7 @@ class SparseCacheLayer(DynamicLayer):
             slack = self.growth_block if self.single_token_step else 0
             extra = self.slot_bound + chunk_length + slack - self.capacity
             self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
+            self.image = torch.nn.functional.pad(self.image, (0, extra), value=False)
             if self.is_initialized:
                 self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
                 self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
@@ -138,6 +143,9 @@ class SparseCacheLayer(DynamicLayer):
         self.keys[..., start:end, :] = key_states
         self.values[..., start:end, :] = value_states
         self.valid[:, start:end] = admit
+        # Single tokens are text, and the slots they are written to never held an image token: only chunks mark images.
+        self.image[:, start:end] = False if chunk.is_image is None else admit & chunk.is_image
+        self.holds_images |= chunk.is_image is not None
         # Rows that drop slots of the chunk would leave holes before later slots; holes are harmless (invalid).
         self.next_slot = torch.full_like(self.next_slot, end)
         self.slot_bound = end
@@ -160,6 +168,9 @@ class SparseCacheLayer(DynamicLayer):
     def stored_tokens(self) -> torch.Tensor | None:
         return None if self.valid is None else self.valid.sum(-1)
 
+    def stored_image_tokens(self) -> torch.Tensor | None:
+        return None if self.image is None else self.image.sum(-1)
+
     def slot_bytes(self) -> int:
         """Bytes of one slot of one row (keys and values, all heads)."""
         if not self.is_initialized:
@@ -175,15 +186,16 @@ class SparseCacheLayer(DynamicLayer):
     # --- generation utilities -------------------------------------------------------------------------------------
 
     def _apply_to_rows(self, function) -> None:
-        for name in ("keys", "values", "valid", "next_slot"):
+        for name in ("keys", "values", "valid", "image", "next_slot"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, function(tensor))
 
     def reset(self) -> None:
         super().reset()
-        self.valid = self.next_slot = None
+        self.valid = self.image = self.next_slot = None
         self.slot_bound = 0
+        self.holds_images = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -246,6 +258,15 @@ class SparseCache(Cache):
         if stored is None:
             raise ValueError(f"layer {layer_idx} of the cache holds nothing yet")
         return stored
+
+    def stored_image_tokens(self, layer_idx: int) -> torch.Tensor:
+        """LongTensor `[batch]`: how many image tokens layer `layer_idx` holds for each row."""
+        self.stored_tokens(layer_idx)  # same error when the layer holds nothing yet
+        return self.layers[layer_idx].stored_image_tokens()
+
+    def image_slots(self, layer_idx: int, num_slots: int) -> torch.Tensor:
+        """`[batch, num_slots]` bool: which of the first `num_slots` slots of layer `layer_idx` hold image tokens."""
+        return self.layers[layer_idx].image[:, :num_slots]
 
     def memory_bytes(self) -> int:
         """Bytes of keys and values of the tokens the cache holds (stored tokens x bytes per token, all layers)."""

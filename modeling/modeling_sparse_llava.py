@@ -71,6 +71,7 @@ class TokenStream:
     image_index: torch.Tensor  # [batch, slots] which image (global index, in input order) or -1 for text
     image_offset: torch.Tensor  # [batch, slots] position of the token within its image, or -1 for text
     image_lengths: tuple[int, ...]  # number of tokens of each image, in input order
+    image_sizes: torch.Tensor | None  # LLaVA-NeXT: [images, 2] original (height, width) of each image
     is_output: torch.Tensor  # [batch, slots] bool: a generated token (a candidate for output-text dropping)
     has_output_tokens: bool  # whether any slot is a generated token (known on the host)
     logical_length: int  # number of input tokens this chunk stands for
@@ -309,6 +310,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             past_key_values,
             image_location,
             image_lengths,
+            image_sizes,
             output_token_start,
         )
         stream, token_counts = self.run_decoder(stream, past_key_values, **kwargs)
@@ -357,7 +359,15 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         return inputs_embeds, image_location, image_lengths, image_features
 
     def make_stream(
-        self, inputs_embeds, attention_mask, position_ids, cache, image_location, image_lengths, output_token_start
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        cache,
+        image_location,
+        image_lengths,
+        image_sizes,
+        output_token_start,
     ):
         image_index, image_offset = image_location
         batch_size, seq_len = inputs_embeds.shape[:2]
@@ -389,6 +399,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             image_index=image_index,
             image_offset=image_offset,
             image_lengths=image_lengths,
+            image_sizes=image_sizes if image_lengths else None,
             is_output=is_output & (image_index < 0),
             has_output_tokens=has_output_tokens,
             logical_length=seq_len,
@@ -441,7 +452,12 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if cache is None:
             slots_valid, past_slots = stream.valid, 0
         else:
-            chunk = IncomingChunk(valid=stream.valid, admit=stream.admit, logical_length=stream.logical_length)
+            chunk = IncomingChunk(
+                valid=stream.valid,
+                admit=stream.admit,
+                logical_length=stream.logical_length,
+                is_image=stream.is_image if stream.has_images else None,
+            )
             slots_valid = cache.begin_chunk(layer_idx, chunk)
             past_slots = slots_valid.shape[1] - stream.valid.shape[1]
         admission_mask = None

@@ -1,0 +1,439 @@
+"""YOPO (Zhang et al., arXiv 2410.06169) on the sparse-llava base, with the savings made real.
+
+The reference implementation prunes by masking a dense computation; here each pruned piece of work is not done:
+
+* neighbour-window attention: a vision query scores only the text before it and the `w x w` vision neighbours of its
+  own image, gathered per token, so the cost is linear in the number of vision tokens;
+* inactive heads: a head pruned for vision tokens computes no query, key, value or output for them (the projections
+  run on the kept heads' slices of the weights), and no query reads vision keys through it;
+* layer cutoff: from `vision_layer_cutoff` on, vision tokens leave the sequence, and those layers cache no vision K/V;
+* sparse FFN: vision tokens run the FFN on the first `ffn_vision_keep_ratio` of its neurons (sliced weights).
+
+Text tokens are computed exactly as in the base model, except for what they no longer read. With
+`attention_semantics="reference"` the released checkpoints' semantics (weights on removed vision keys zeroed after the
+softmax) are reproduced: vision keys are then computed in every layer and head, their values only where read; a zero
+value is what "weight zeroed after the softmax" means, so the cache stores zeros there and decoding runs unchanged.
+
+Attention in the YOPO layers is written out in PyTorch (`torch.nn.functional.scaled_dot_product_attention` for the
+text queries, an explicit softmax over the gathered keys for the vision queries), whatever `attn_implementation` says.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from .cache_sparse_llava import IncomingChunk, SparseCache
+from .configuration_yopo import YopoConfig
+from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream
+
+
+@dataclass
+class VisionLayout:
+    """
+    Where a chunk's text and vision tokens sit, and the window neighbours of each vision token. Lists are
+    left-aligned per row, with `*_present` marking real entries.
+    """
+
+    text_index: torch.Tensor  # [batch, texts] slot of each text token
+    text_present: torch.Tensor  # [batch, texts]
+    vision_index: torch.Tensor  # [batch, visions] slot of each vision token
+    vision_present: torch.Tensor  # [batch, visions]
+    neighbors: torch.Tensor | None  # [batch, visions, w * w] index into the vision list (None: window off)
+    neighbor_present: torch.Tensor | None  # [batch, visions, w * w]
+
+
+@dataclass
+class YopoStream(TokenStream):
+    layout: VisionLayout | None = None  # set at the first layer of a chunk with images
+
+    @classmethod
+    def extend(cls, stream: TokenStream, layout: VisionLayout) -> "YopoStream":
+        return cls(**{field.name: getattr(stream, field.name) for field in fields(stream)}, layout=layout)
+
+
+@dataclass
+class LayerPlan:
+    """What one decoder layer computes for vision tokens (head indices are query heads, key/value heads)."""
+
+    query_heads: list[int]  # heads whose vision queries are computed
+    key_heads: list[int]  # key/value heads whose vision keys are computed
+    value_heads: list[int]  # key/value heads whose vision values are computed (others are zero or never read)
+    pruned_heads: list[int]  # query heads that must not read vision keys (renormalize semantics)
+    ffn_neurons: int
+    window: int
+    vision_in_layer: bool  # vision tokens are in this layer's sequence
+    dense: bool  # the layer computes exactly what the base layer computes
+
+
+def left_aligned(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True entries of each row of `mask`, left-aligned, and which of them are real."""
+    width = int(mask.sum(-1).max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    return order, mask.gather(1, order)
+
+
+def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, index[b, i]]` for `[batch, slots, ...]` tensors."""
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return tensor.gather(1, expanded)
+
+
+def scatter_slots(target: torch.Tensor, dim: int, values: torch.Tensor, index: torch.Tensor, present: torch.Tensor):
+    """
+    A copy of `target` with `values` written at slots `index[b, i]` along `dim` (1 or 2) where `present[b, i]`;
+    absent entries go to a spare slot that is cut off.
+    """
+    length = target.shape[dim]
+    index = torch.where(present, index, length)
+    shape = list(values.shape)
+    index = index.view(index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (values.dim() - dim - 1)))
+    spare = list(target.shape)
+    spare[dim] = 1
+    padded = torch.cat([target, target.new_zeros(spare)], dim=dim)
+    return padded.scatter(dim, index.expand(shape), values).narrow(dim, 0, length)
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `[batch, heads, tokens, head_dim]` states, as `apply_rotary_pos_emb` does for queries and keys."""
+    return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
+
+
+def linear_rows(linear: torch.nn.Linear, hidden: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    """`linear` restricted to some output features."""
+    bias = None if linear.bias is None else linear.bias[rows]
+    return F.linear(hidden, linear.weight[rows], bias)
+
+
+class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
+    """
+    YOPO over a LLaVA-1.5 or LLaVA-NeXT base: neighbour-window vision attention, vision heads pruned per layer, vision
+    tokens dropped from `config.vision_layer_cutoff` on, and a narrower FFN for vision tokens. No new weights.
+    """
+
+    config_class = YopoConfig
+    config: YopoConfig
+    # Pruned heads need per-head masks, which flash-attention kernels do not take.
+    _supports_flash_attn = False
+
+    def __init__(self, config: YopoConfig):
+        super().__init__(config)
+        self.plans = [self.layer_plan(layer) for layer in range(config.get_text_config().num_hidden_layers)]
+        self._index_tensors: dict = {}
+        self.post_init()
+
+    def layer_plan(self, layer_idx: int) -> LayerPlan:
+        config, text_config = self.config, self.config.get_text_config()
+        num_heads, num_kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads
+        group = num_heads // num_kv_heads
+        query_heads = config.vision_heads(layer_idx)
+        used_kv_heads = sorted({head // group for head in query_heads})
+        vision_layer = config.vision_layer(layer_idx)
+        if config.attention_semantics == "reference":
+            pruned_groups = {head // group for head in range(num_heads) if head not in query_heads}
+            mixed = sorted(pruned_groups.intersection(used_kv_heads))
+            if mixed:
+                raise ValueError(
+                    f"attention_semantics='reference' needs vision_head_mask to prune whole key/value groups; layer "
+                    f"{layer_idx} keeps and prunes query heads sharing key/value heads {mixed}"
+                )
+            key_heads, value_heads, pruned = list(range(num_kv_heads)), used_kv_heads if vision_layer else [], []
+            vision_in_layer = True
+        elif vision_layer:
+            key_heads = value_heads = used_kv_heads
+            pruned = [head for head in range(num_heads) if head not in query_heads]
+            vision_in_layer = True
+        else:  # the vision tokens have left the sequence
+            query_heads, key_heads, value_heads, pruned, vision_in_layer = [], [], [], [], False
+        ffn_neurons = config.ffn_vision_neurons() if config.ffn_vision_keep_ratio < 1 else text_config.intermediate_size
+        dense = (
+            vision_layer
+            and len(query_heads) == num_heads
+            and ffn_neurons == text_config.intermediate_size
+            and config.neighbor_window == 0
+        )
+        return LayerPlan(
+            query_heads, key_heads, value_heads, pruned, ffn_neurons, config.neighbor_window, vision_in_layer, dense
+        )
+
+    def head_index(self, heads: list[int], head_dim: int, device) -> torch.Tensor:
+        """Row indices of the given heads in a `[heads * head_dim, ...]` projection weight (cached per device)."""
+        key = (tuple(heads), head_dim, device)
+        if key not in self._index_tensors:
+            rows = torch.tensor(heads, dtype=torch.long).unsqueeze(-1) * head_dim + torch.arange(head_dim)
+            self._index_tensors[key] = rows.flatten().to(device)
+        return self._index_tensors[key]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Between layers: lay out the chunk once, and drop vision tokens at the cutoff.
+    # ----------------------------------------------------------------------------------------------------------
+
+    def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
+        if not stream.has_images:
+            return stream
+        if layer_idx == 0:
+            stream = YopoStream.extend(stream, self.vision_layout(stream))
+        if layer_idx == self.config.vision_layer_cutoff and self.config.attention_semantics == "renormalize":
+            stream = stream.select(~stream.is_image)
+        return stream
+
+    def vision_layout(self, stream: TokenStream) -> VisionLayout:
+        is_image = stream.is_image & stream.valid
+        text_index, text_present = left_aligned(stream.valid & ~is_image)
+        vision_index, vision_present = left_aligned(is_image)
+        neighbors = neighbor_present = None
+        if self.config.neighbor_window:
+            image = stream.image_index.gather(1, vision_index)
+            offset = stream.image_offset.gather(1, vision_index)
+            tables = [self.window_table(stream, image_idx) for image_idx in range(len(stream.image_lengths))]
+            table = torch.cat(tables).to(vision_index.device)  # [all image tokens, w * w] neighbour offsets
+            starts = torch.tensor([0, *stream.image_lengths[:-1]], device=vision_index.device).cumsum(0)
+            global_offset = torch.where(vision_present, starts[image.clamp(min=0)] + offset, 0)
+            neighbor_offset = table[global_offset]  # [batch, visions, w * w]
+            position = torch.arange(vision_index.shape[1], device=vision_index.device)
+            # An image's tokens are consecutive in the vision list, so its token `o` sits `o - offset` entries away.
+            neighbors = (position - offset).unsqueeze(-1) + neighbor_offset
+            neighbor_present = (neighbor_offset >= 0) & vision_present.unsqueeze(-1)
+            neighbors = torch.where(neighbor_present, neighbors, 0)
+        return VisionLayout(text_index, text_present, vision_index, vision_present, neighbors, neighbor_present)
+
+    def window_table(self, stream: TokenStream, image_idx: int) -> torch.Tensor:
+        """`[tokens of the image, w * w]`: offsets (within the image) of each token's window neighbours, -1 if none."""
+        cells = self.image_cells(stream, image_idx)  # [n, 3] grid, row, column
+        radius = self.config.neighbor_window // 2
+        grid, row, column = cells.unbind(-1)
+        cell_map = torch.full((2, int(row.max()) + 1 + 2 * radius, int(column.max()) + 1 + 2 * radius), -1)
+        cell_map[grid, row + radius, column + radius] = torch.arange(len(cells))
+        shifts = torch.arange(-radius, radius + 1)
+        row_shift, column_shift = torch.meshgrid(shifts, shifts, indexing="ij")
+        return cell_map[
+            grid[:, None],
+            row[:, None] + radius + row_shift.flatten(),
+            column[:, None] + radius + column_shift.flatten(),
+        ]
+
+    def image_cells(self, stream: TokenStream, image_idx: int) -> torch.Tensor:
+        """`[n, 3]` long: for each token of an image, its grid (0 base image, 1 high resolution), row and column."""
+        length = stream.image_lengths[image_idx]
+        vision_config = self.config.vision_config
+        side = vision_config.image_size // vision_config.patch_size
+        if self.config.base_model_type == "llava":
+            if length != side * side:
+                raise ValueError(f"neighbor_window needs square patch grids; image {image_idx} has {length} tokens")
+            positions = torch.arange(length)
+            return torch.stack([torch.zeros_like(positions), positions // side, positions % side], dim=-1)
+        # LLaVA-NeXT: let transformers lay out a stand-in image (zeros, newline = 1) to find where the newlines fall.
+        image_size = stream.image_sizes[image_idx]
+        num_tiles = image_size_to_num_patches(image_size, self.config.image_grid_pinpoints, vision_config.image_size)
+        packed, _ = self.model.pack_image_features(
+            [torch.zeros(num_tiles, side * side, 1)],
+            image_size.unsqueeze(0).cpu(),
+            vision_feature_select_strategy="default",
+            image_newline=torch.ones(1),
+        )
+        is_newline = packed[0][side * side :, 0] == 1
+        if side * side + len(is_newline) != length:
+            raise ValueError(f"image {image_idx}: {length} tokens do not match its LLaVA-NeXT layout")
+        base = torch.arange(side * side)
+        row = is_newline.long().cumsum(0) - is_newline.long()  # a newline ends its row
+        row_start = torch.cat([torch.zeros(1, dtype=torch.long), is_newline.nonzero().flatten() + 1])
+        column = torch.arange(len(is_newline)) - row_start[row]
+        base_cells = torch.stack([torch.zeros_like(base), base // side, base % side], dim=-1)
+        return torch.cat([base_cells, torch.stack([torch.ones_like(row), row, column], dim=-1)])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # One decoder layer.
+    # ----------------------------------------------------------------------------------------------------------
+
+    def run_layer(self, layer_idx, decoder_layer, stream: TokenStream, cache: SparseCache | None, **kwargs):
+        plan = self.plans[layer_idx]
+        layout = getattr(stream, "layout", None)
+        if layout is not None and plan.vision_in_layer and not plan.dense:
+            return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
+        if cache is not None and plan.pruned_heads and cache.layers[layer_idx].holds_images:
+            # A text-only chunk reading cached vision keys that some heads must not see.
+            return self.yopo_layer(layer_idx, decoder_layer, stream, self.text_only_layout(stream), cache)
+        return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
+
+    @staticmethod
+    def text_only_layout(stream: TokenStream) -> VisionLayout:
+        batch_size, length = stream.valid.shape
+        index = torch.arange(length, device=stream.valid.device).expand(batch_size, -1)
+        empty = index[:, :0]
+        return VisionLayout(index, stream.valid, empty, empty.bool(), None, None)
+
+    def yopo_layer(self, layer_idx, decoder_layer, stream: TokenStream, layout: VisionLayout, cache):
+        plan = self.plans[layer_idx]
+        attention = decoder_layer.self_attn
+        head_dim = attention.head_dim
+        x = stream.hidden_states
+        batch_size, length, _ = x.shape
+        device = x.device
+        normed = decoder_layer.input_layernorm(x)
+        cos, sin = stream.position_embeddings
+
+        # Text tokens: queries, keys and values in every head.
+        text_normed = gather_rows(normed, layout.text_index)
+        text_cos, text_sin = gather_rows(cos, layout.text_index), gather_rows(sin, layout.text_index)
+        text_query = self.heads(attention.q_proj(text_normed), head_dim)
+        text_key = self.heads(attention.k_proj(text_normed), head_dim)
+        text_value = self.heads(attention.v_proj(text_normed), head_dim)
+        text_query, text_key = apply_rotary_pos_emb(text_query, text_key, text_cos, text_sin)
+
+        # Vision tokens: only the heads the plan keeps.
+        num_kv_heads = attention.config.num_key_value_heads
+        vision_normed = gather_rows(normed, layout.vision_index)
+        vision_cos, vision_sin = gather_rows(cos, layout.vision_index), gather_rows(sin, layout.vision_index)
+        num_visions = layout.vision_index.shape[1]
+        vision_key = x.new_zeros((batch_size, num_kv_heads, num_visions, head_dim))
+        vision_value = torch.zeros_like(vision_key)
+        if num_visions and plan.key_heads:
+            rows = self.head_index(plan.key_heads, head_dim, device)
+            key = self.heads(linear_rows(attention.k_proj, vision_normed, rows), head_dim)
+            vision_key[:, plan.key_heads] = rotate(key, vision_cos, vision_sin)
+        if num_visions and plan.value_heads:
+            rows = self.head_index(plan.value_heads, head_dim, device)
+            vision_value[:, plan.value_heads] = self.heads(linear_rows(attention.v_proj, vision_normed, rows), head_dim)
+
+        # The chunk's keys and values in slot order, stored in (and extended with) the cache.
+        def in_slot_order(text_states, vision_states):
+            states = x.new_zeros((batch_size, num_kv_heads, length, head_dim))
+            states = scatter_slots(states, 2, text_states, layout.text_index, layout.text_present)
+            return scatter_slots(states, 2, vision_states, layout.vision_index, layout.vision_present)
+
+        chunk_key, chunk_value = in_slot_order(text_key, vision_key), in_slot_order(text_value, vision_value)
+        is_image = stream.is_image & stream.valid
+        if cache is None:
+            keys, values, slots_valid, slot_is_image = chunk_key, chunk_value, stream.valid, is_image
+        else:
+            chunk = IncomingChunk(
+                valid=stream.valid,
+                admit=None,
+                logical_length=stream.logical_length,
+                is_image=is_image if stream.has_images else None,
+            )
+            slots_valid = cache.begin_chunk(layer_idx, chunk)
+            keys, values = cache.update(chunk_key, chunk_value, layer_idx)
+            slot_is_image = cache.image_slots(layer_idx, keys.shape[2])
+        past = keys.shape[2] - length
+
+        text_output = self.text_attention(
+            attention, text_query, keys, values, slots_valid, slot_is_image, layout, past, plan
+        )
+        text_hidden = gather_rows(x, layout.text_index) + attention.o_proj(text_output)
+        text_hidden = text_hidden + decoder_layer.mlp(decoder_layer.post_attention_layernorm(text_hidden))
+        output = scatter_slots(x, 1, text_hidden, layout.text_index, layout.text_present)
+        if not num_visions:
+            return output
+
+        vision_hidden = gather_rows(x, layout.vision_index)
+        if plan.query_heads:
+            rows = self.head_index(plan.query_heads, head_dim, device)
+            query = self.heads(linear_rows(attention.q_proj, vision_normed, rows), head_dim)
+            query = rotate(query, vision_cos, vision_sin)
+            kv_of_query = [head // attention.num_key_value_groups for head in plan.query_heads]
+            vision_output = self.vision_attention(
+                attention,
+                query,
+                keys[:, kv_of_query],
+                values[:, kv_of_query],
+                slots_valid,
+                slot_is_image,
+                layout,
+                past,
+                vision_key[:, kv_of_query],
+                vision_value[:, kv_of_query],
+                plan,
+            )
+            bias = attention.o_proj.bias
+            vision_hidden = vision_hidden + F.linear(vision_output, attention.o_proj.weight[:, rows], bias)
+        elif attention.o_proj.bias is not None:
+            vision_hidden = vision_hidden + attention.o_proj.bias
+        vision_hidden = vision_hidden + self.narrow_ffn(
+            decoder_layer.mlp, decoder_layer.post_attention_layernorm(vision_hidden), plan.ffn_neurons
+        )
+        return scatter_slots(output, 1, vision_hidden, layout.vision_index, layout.vision_present)
+
+    def text_attention(self, attention, query, keys, values, slots_valid, slot_is_image, layout, past, plan):
+        """Text queries: causal attention over every slot the layer holds, minus vision keys of pruned heads."""
+        key_slot = torch.arange(keys.shape[2], device=keys.device)
+        allowed = slots_valid[:, None, :] & (key_slot <= (past + layout.text_index).unsqueeze(-1))
+        allowed = allowed.unsqueeze(1)  # [batch, 1, texts, slots]
+        if plan.pruned_heads:
+            pruned = torch.zeros(query.shape[1], dtype=torch.bool, device=keys.device)
+            pruned[plan.pruned_heads] = True
+            hidden = slot_is_image[:, None, None, :] & pruned[None, :, None, None]
+            allowed = allowed & ~hidden
+        # Rows of absent text entries would have nothing to attend to (NaN): let them attend anywhere, they are unused.
+        allowed = allowed | ~layout.text_present[:, None, :, None]
+        groups = attention.num_key_value_groups
+        output = F.scaled_dot_product_attention(
+            query, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=allowed, scale=attention.scaling
+        )
+        return output.transpose(1, 2).flatten(2)
+
+    def vision_attention(
+        self, attention, query, keys, values, slots_valid, slot_is_image, layout, past, vision_key, vision_value, plan
+    ):
+        """Vision queries of the kept heads: the text before them and their window neighbours (or every key causally)."""
+        batch_size, num_heads, num_visions, head_dim = query.shape
+        query_slot = past + layout.vision_index  # [batch, visions]
+        if not plan.window:
+            key_slot = torch.arange(keys.shape[2], device=keys.device)
+            allowed = slots_valid[:, None, :] & (key_slot <= query_slot.unsqueeze(-1))
+            allowed = (allowed | ~layout.vision_present.unsqueeze(-1)).unsqueeze(1)
+            output = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=attention.scaling)
+            return output.transpose(1, 2).flatten(2)
+
+        # Text keys: the past slots that are not image tokens, and the chunk's text tokens before the query.
+        text_keys = torch.cat(
+            [keys[:, :, :past], gather_rows(keys.transpose(1, 2), past + layout.text_index).transpose(1, 2)], dim=2
+        )
+        text_values = torch.cat(
+            [values[:, :, :past], gather_rows(values.transpose(1, 2), past + layout.text_index).transpose(1, 2)], dim=2
+        )
+        past_visible = slots_valid[:, :past] & ~slot_is_image[:, :past]
+        chunk_visible = layout.text_present[:, None, :] & (
+            layout.text_index[:, None, :] < layout.vision_index[:, :, None]
+        )
+        text_visible = torch.cat([past_visible[:, None, :].expand(-1, num_visions, -1), chunk_visible], dim=-1)
+        text_scores = (query @ text_keys.transpose(-1, -2)) * attention.scaling
+        text_scores = text_scores.masked_fill(~text_visible[:, None], -torch.inf)
+
+        # Window keys: gathered per query, so the cost grows with (vision tokens x window), not its square.
+        flat = layout.neighbors.flatten(1)  # [batch, visions * w * w]
+        window = layout.neighbors.shape[-1]
+        index = flat[:, None, :, None].expand(-1, num_heads, -1, head_dim)
+        window_keys = vision_key.gather(2, index).view(batch_size, num_heads, num_visions, window, head_dim)
+        window_scores = torch.einsum("bhvd,bhvwd->bhvw", query, window_keys) * attention.scaling
+        window_visible = layout.neighbor_present.clone()
+        window_visible[..., window // 2] |= ~layout.vision_present  # absent entries attend to "themselves": no NaN
+        window_scores = window_scores.masked_fill(~window_visible[:, None], -torch.inf)
+
+        weights = torch.softmax(torch.cat([text_scores, window_scores], dim=-1), dim=-1, dtype=torch.float32)
+        weights = weights.to(query.dtype)
+        text_weights, window_weights = weights.split([text_scores.shape[-1], window], dim=-1)
+        output = text_weights @ text_values
+        if plan.value_heads:  # "reference" semantics past the cutoff: vision values count as zero
+            window_values = vision_value.gather(2, index).view(batch_size, num_heads, num_visions, window, head_dim)
+            output = output + torch.einsum("bhvw,bhvwd->bhvd", window_weights, window_values)
+        return output.transpose(1, 2).flatten(2)
+
+    @staticmethod
+    def narrow_ffn(mlp, hidden: torch.Tensor, neurons: int) -> torch.Tensor:
+        """The FFN restricted to its first `neurons` neurons (what the zeroed neurons of the reference leave)."""
+        if neurons == mlp.intermediate_size:
+            return mlp(hidden)
+        gate = linear_rows(mlp.gate_proj, hidden, slice(0, neurons))
+        up = linear_rows(mlp.up_proj, hidden, slice(0, neurons))
+        return F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight[:, :neurons], mlp.down_proj.bias)
+
+    @staticmethod
+    def heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """`[batch, tokens, heads * head_dim]` -> `[batch, heads, tokens, head_dim]`."""
+        return projected.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+__all__ = ["YopoLlavaForConditionalGeneration"]
