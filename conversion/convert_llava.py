@@ -25,6 +25,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_llava  # noqa: E402
+from sparse_llava.configuration_yopo import PRESETS, preset_settings  # noqa: E402
 from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
 
 
@@ -56,9 +57,16 @@ METHODS = {
         modeling_module="modeling_pmod",
         card_template="pmod.md",
     ),
+    "yopo": Method(
+        name="yopo",
+        config_class=sparse_llava.YopoConfig,
+        model_class=sparse_llava.YopoLlavaForConditionalGeneration,
+        modeling_module="modeling_yopo",
+        card_template="yopo.md",
+    ),
 }
 
-SOURCE_FORMATS = ("llava-hf", *ORIGINAL_FORMATS, "yopo-original")
+SOURCE_FORMATS = ("llava-hf", *ORIGINAL_FORMATS)
 
 # Files a llava-hf repo carries for its processor and tokenizer; copied as they are.
 PROCESSOR_FILES = [
@@ -119,6 +127,8 @@ def convert(
     from_format: str | None = None,
     vision_tower: str | None = None,
     processor: str | None = None,
+    preset: str | None = None,
+    head_mask: str | None = None,
 ) -> Path:
     """
     Convert the LLaVA checkpoint `base` (local folder or Hub id) into `method` and write it to `output`.
@@ -126,7 +136,9 @@ def convert(
     `base` is a llava-hf checkpoint, or one in the original LLaVA-repo layout (plain LLaVA-1.5 / 1.6, or a method's
     released checkpoint), detected from its config or given by `from_format`; `vision_tower` supplies the CLIP
     weights original LLaVA checkpoints lack; `processor` (a llava-hf folder or Hub id) supplies the processor and
-    tokenizer files instead of the source's. Returns the output folder. Raises `ConversionError` on bad input,
+    tokenizer files instead of the source's. For YOPO, `preset` ("12%" or "25%") sets the pruning to one of the
+    paper's budgets and `head_mask` (a `.npy` of booleans [layers, heads], as the YOPO repository ships, or a `.json`
+    list of lists) gives `vision_head_mask`; `overrides` win over both. Returns the output folder. Raises `ConversionError` on bad input,
     leaving `output` untouched.
     """
     from transformers import AutoConfig
@@ -144,6 +156,10 @@ def convert(
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConversionError(f"output folder {output} is not empty; pass --overwrite to replace it")
     overrides = dict(overrides or {})
+    if (preset is not None or head_mask is not None) and method != "yopo":
+        raise ConversionError("--preset and --head-mask are YOPO settings; use them with --method yopo")
+    if head_mask is not None:
+        overrides = {"vision_head_mask": _read_head_mask(head_mask), **overrides}
     known_fields = {field.name for field in dataclasses.fields(spec.config_class)}
     unknown = sorted(set(overrides) - known_fields)
     if unknown:
@@ -153,8 +169,6 @@ def convert(
     source_format = from_format or detect_format(_read_config_dict(base, revision)) or "llava-hf"
     if source_format not in SOURCE_FORMATS:
         raise ConversionError(f"unknown source format {source_format!r}; choose one of: {', '.join(SOURCE_FORMATS)}")
-    if source_format == "yopo-original":
-        raise ConversionError(f"{base} is a YOPO checkpoint; the YOPO method is not implemented yet")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.source.", dir=output.parent) as rewritten:
@@ -174,6 +188,8 @@ def convert(
             for name in checkpoint.ignored:
                 step(f"  not used: {name}")
             base_config, overrides = checkpoint.base_config, {**checkpoint.settings, **overrides}
+            if checkpoint.method == "yopo" and "vision_head_mask" not in overrides:
+                step("  the YOPO head mask is not in the checkpoint: pass --head-mask (headmask_*.npy) or calibrate")
             # Written under the models' runtime names, then loaded like any checkpoint (memory-efficient loading).
             from huggingface_hub import save_torch_state_dict
 
@@ -183,6 +199,12 @@ def convert(
             weights_source, copy_processor, revision = rewritten, False, None
             if processor is None:
                 step("  the original tokenizer lacks <image>: pass --processor with the matching llava-hf model")
+        if preset is not None:
+            try:
+                preset_fields = preset_settings(preset, base_config.get_text_config().num_hidden_layers)
+            except ValueError as error:
+                raise ConversionError(str(error)) from None
+            overrides = {**preset_fields, **overrides}
         try:
             config = spec.config_class.from_base_config(base_config, **overrides)
         except (ValueError, TypeError) as error:
@@ -232,6 +254,22 @@ def _read_config_dict(base: str, revision: str | None) -> dict:
         return json.loads(path.read_text())
     except Exception as error:  # missing folder or file, offline cache miss, bad JSON: all one message
         raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
+
+
+def _read_head_mask(path: str) -> list[list[bool]]:
+    """A YOPO head mask, `[layers, heads]` booleans (True = the head keeps working on vision tokens)."""
+    try:
+        if path.endswith(".npy"):
+            import numpy
+
+            mask = numpy.load(path).tolist()
+        else:
+            mask = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot read the head mask {path!r}: {_first_line(error)}") from None
+    if not isinstance(mask, list) or not all(isinstance(row, list) for row in mask):
+        raise ConversionError(f"the head mask {path!r} must be a 2-D array [layers, heads]")
+    return [[bool(value) for value in row] for row in mask]
 
 
 def _write_generation_config(base, revision, base_config, destination: Path) -> None:
@@ -403,6 +441,12 @@ def main(argv=None) -> int:
         default=None,
         help="llava-hf folder or Hub id whose processor/tokenizer files to ship (for original-layout sources)",
     )
+    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="YOPO: one of the paper's FLOPs budgets")
+    parser.add_argument(
+        "--head-mask",
+        default=None,
+        help="YOPO: vision head mask, a .npy [layers, heads] of booleans (as the YOPO repository ships) or .json",
+    )
     args = parser.parse_args(argv)
     try:
         convert(
@@ -416,6 +460,8 @@ def main(argv=None) -> int:
             from_format=args.from_format,
             vision_tower=args.vision_tower,
             processor=args.processor,
+            preset=args.preset,
+            head_mask=args.head_mask,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,6 +8,10 @@ Formats, detected from the source's `config.json` (or forced with `--from-format
   (`model.image_score_predictor.*`, `model.output_text_score_predictor.*`).
 * `pmod-original`: `MCG-NJU/p-MoD-LLaVA-*` (`model_type` `pmod_llava_llama`): decoder layers wrapped as
   `model.layers.{i}.decoder_layer.*` with routers `model.layers.{i}.router.router.*`, the CLIP tower inside.
+* `yopo-original`: `zwt123home123/llava-1.5-*-prune-zp*`: a plain LLaVA-1.5 layout fine-tuned with pruning on, whose
+  config carries `attncut_w`, `layercut_num`, `headcut_num`, `mlpcut_ratio` (and `sprompt_len`, not needed here:
+  images are found by their tokens). The head mask itself is not in the checkpoint (the reference loads
+  `headmask_{7b,13b}_{headcut_num}.npy` from its repository): give it with `--head-mask`, or calibrate one.
 
 `read_original_checkpoint` returns the llava-hf config of the base, the method settings found in the source, and the
 tensors under the runtime names of sparse-llava models. The `<image>` (and `<pad>`) tokens are added as transformers'
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-ORIGINAL_FORMATS = ("llava-original", "dynamic-llava-original", "pmod-original")
+ORIGINAL_FORMATS = ("llava-original", "dynamic-llava-original", "pmod-original", "yopo-original")
 
 # The config of `openai/clip-vit-large-patch14-336`, the tower of every released LLaVA-1.5 / 1.6 model.
 CLIP_L_336 = dict(
@@ -58,7 +62,7 @@ LLAMA_FIELDS = (
 @dataclass
 class OriginalCheckpoint:
     base_config: object  # LlavaConfig / LlavaNextConfig of the base model
-    method: str | None  # "dynamic-llava", "p-mod" or None (a plain LLaVA)
+    method: str | None  # "dynamic-llava", "p-mod", "yopo" or None (a plain LLaVA)
     settings: dict  # the method's settings, as sparse-llava config fields
     tensors: dict[str, torch.Tensor]  # runtime parameter names of sparse-llava models
     ignored: list[str] = field(default_factory=list)  # source tensors that have no place (reported)
@@ -243,4 +247,13 @@ def _method_settings(source_format: str, config: dict) -> tuple[str | None, dict
             "routed_tokens": config.get("mod_target_token_type", "vision_all"),
         }
         return "p-mod", settings
+    if source_format == "yopo-original":
+        settings = {"attention_semantics": "reference"}  # the semantics these checkpoints were fine-tuned with
+        if config.get("attncut_w") is not None:
+            settings["neighbor_window"] = int(config["attncut_w"])
+        if config.get("layercut_num") is not None:
+            settings["vision_layer_cutoff"] = int(config["layercut_num"])
+        if config.get("mlpcut_ratio") is not None:
+            settings["ffn_vision_keep_ratio"] = 1 / float(config["mlpcut_ratio"])
+        return "yopo", settings
     return None, {}

@@ -25,8 +25,10 @@ from .cache_sparse_llava import SparseCache, SparseCacheLayer  # noqa: E402
 from .configuration_dynamic_llava import DynamicLlavaConfig  # noqa: E402
 from .configuration_pmod import PMoDConfig  # noqa: E402
 from .configuration_sparse_llava import SparseLlavaConfig  # noqa: E402
+from .configuration_yopo import YopoConfig  # noqa: E402
 from .modeling_dynamic_llava import DynamicLlavaForConditionalGeneration  # noqa: E402
 from .modeling_pmod import PMoDLlavaForConditionalGeneration  # noqa: E402
+from .modeling_yopo import YopoLlavaForConditionalGeneration  # noqa: E402
 
 
 def register_auto_classes() -> None:
@@ -40,6 +42,7 @@ def register_auto_classes() -> None:
     for config_class, model_class in (
         (DynamicLlavaConfig, DynamicLlavaForConditionalGeneration),
         (PMoDConfig, PMoDLlavaForConditionalGeneration),
+        (YopoConfig, YopoLlavaForConditionalGeneration),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
@@ -60,6 +63,8 @@ __all__ = [
     "SparseCache",
     "SparseCacheLayer",
     "SparseLlavaConfig",
+    "YopoConfig",
+    "YopoLlavaForConditionalGeneration",
     "convert",
     "register_auto_classes",
 ]

@@ -63,13 +63,13 @@ def test_model_card_metadata(base_checkpoints, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(base_checkpoints[("llava", "hub")][0], base)
     (base / "README.md").write_text("---\nlicense: llama2\n---\n# tiny\n")
-    for method, tag in (("dynamic-llava", "dynamic-llava"), ("p-mod", "p-mod")):
+    for method, trained in (("dynamic-llava", "untrained"), ("p-mod", "untrained"), ("yopo", "not fine-tuned")):
         output = convert(str(base), method, tmp_path / method, {}, progress=False)
         card = ModelCard.load(output / "README.md")
         assert card.data.license == "llama2"
         assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
-        assert card.data.base_model == str(base) and tag in card.data.tags and "custom_code" in card.data.tags
-        assert 'pipeline("image-text-to-text"' in card.text and "untrained" in card.text
+        assert card.data.base_model == str(base) and method in card.data.tags and "custom_code" in card.data.tags
+        assert 'pipeline("image-text-to-text"' in card.text and trained in card.text
 
 
 def test_converted_model_loads_by_repo_id_from_an_offline_cache(converted, tmp_path):

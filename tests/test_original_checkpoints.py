@@ -311,3 +311,41 @@ def test_processor_from_a_llava_hf_model(sources, base_checkpoints, tmp_path):
     assert not (tmp_path / "out").exists()
     output = convert(hf_with_processor, "p-mod", tmp_path / "ok", processor=hf_with_processor, progress=False)
     assert (output / "tokenizer.json").is_file() and (output / "processor_config.json").is_file()
+
+
+def test_yopo_release_with_reference_semantics(sources, tmp_path, capsys):
+    """`zwt123home123/llava-1.5-*-prune-zp*`: plain LLaVA-1.5 layout plus the pruning fields; the head mask as the YOPO
+    repository ships it (`headmask_*.npy`, [layers, heads], True = keep)."""
+    import numpy
+
+    root, models, clip = sources
+    source = tmp_path / "yopo-release"
+    yopo_fields = {"attncut_w": 3, "layercut_num": 2, "headcut_num": 16, "mlpcut_ratio": 2, "sprompt_len": 3}
+    write_checkpoint(source, original_config(models["llava"], **yopo_fields), original_tensors(models["llava"]))
+    head_mask = numpy.array([[True] * 4, [True, True, False, False], [False, False, True, True], [False] * 4])
+    numpy.save(tmp_path / "headmask_tiny_16.npy", head_mask)
+    output = convert(
+        str(source),
+        "yopo",
+        tmp_path / "out",
+        vision_tower=str(clip),
+        head_mask=str(tmp_path / "headmask_tiny_16.npy"),
+        progress=False,
+    )
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "yopo_llava"
+    assert config["neighbor_window"] == 3 and config["vision_layer_cutoff"] == 2
+    assert config["ffn_vision_keep_ratio"] == 0.5 and config["attention_semantics"] == "reference"
+    assert config["vision_head_mask"] == head_mask.tolist()
+    model = sparse_llava.YopoLlavaForConditionalGeneration.from_pretrained(output).eval()
+    batch = inputs(models["llava"])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+    # Without a head mask every head is kept (and the conversion says where the mask comes from).
+    capsys.readouterr()
+    convert(str(source), "yopo", tmp_path / "no-mask", vision_tower=str(clip))
+    assert "--head-mask" in capsys.readouterr().err
+    assert json.loads((tmp_path / "no-mask" / "config.json").read_text())["vision_head_mask"] is None
+    with pytest.raises(ConversionError, match="is a yopo checkpoint; convert it with --method yopo"):
+        convert(str(source), "p-mod", tmp_path / "wrong", vision_tower=str(clip), progress=False)

@@ -319,3 +319,42 @@ def test_twelve_percent_preset_flops_on_576_vision_tokens(tmp_path):
     pruned_heads, head_dim = 6 * 2, 32
     expected = pruned_heads * 576 * (4 * 2 * 128 * head_dim + 2 * 2 * head_dim * (51 + 25))
     assert all_heads - half_heads == pytest.approx(expected, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversion.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_preset_converts_and_fresh_process_loads(base_checkpoints, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sparse_llava.convert_llava import main
+
+    base_folder, base_model = base_checkpoints[("llava_next", "hub")]
+    output = tmp_path / "yopo"
+    assert main(["--base", str(base_folder), "--method", "yopo", "--output", str(output), "--preset", "25%"]) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "yopo_llava" and config["vision_layer_cutoff"] == 2
+    assert config["neighbor_window"] == 5 and config["ffn_vision_keep_ratio"] == 0.5
+    inputs = inputs_for("llava_next")
+    expected = yopo_from(base_model, **preset_settings("25%", 4)).generate(**inputs, max_new_tokens=4, do_sample=False)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    probe = (
+        "import torch\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        f"model = AutoModelForImageTextToText.from_pretrained({str(output)!r}, trust_remote_code=True)\n"
+        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "print(type(model).__module__, model.generate(**inputs, max_new_tokens=4, do_sample=False).tolist())\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    module, tokens = result.stdout.split(" ", 1)
+    assert module.startswith("transformers_modules.") and json.loads(tokens) == expected.tolist()
+
+    assert main(["--base", str(base_folder), "--method", "p-mod", "--output", str(tmp_path / "x"), "--preset", "12%"])
+    assert not (tmp_path / "x").exists()
