@@ -358,3 +358,50 @@ def test_cli_preset_converts_and_fresh_process_loads(base_checkpoints, tmp_path)
 
     assert main(["--base", str(base_folder), "--method", "p-mod", "--output", str(tmp_path / "x"), "--preset", "12%"])
     assert not (tmp_path / "x").exists()
+
+
+def test_calibration_writes_the_reference_rules_head_mask(base_checkpoints, tmp_path, capsys):
+    """The mask follows the rule recomputed here from transformers' own LLaVA: last prompt row's vision/other mass
+    ratio > alpha in more than 40% of the samples, layers 0 and 1 always kept."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from sparse_llava.calibrate_yopo import main
+    from sparse_llava.convert_llava import convert
+
+    base_folder, base_model = base_checkpoints[("llava", "hub")]
+    eager = type(base_model).from_pretrained(base_folder, attn_implementation="eager").eval()
+    output = convert(str(base_folder), "yopo", tmp_path / "yopo", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    images = []
+    for index in range(5):
+        pixels = (torch.rand(12, 12, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        images.append(str(tmp_path / f"{index}.png"))
+        Image.fromarray(pixels).save(images[-1])
+    prompt = "What is in the image ?"
+
+    processor = AutoProcessor.from_pretrained(base_folder)
+    ratios = []
+    for path in images:
+        inputs = processor(images=Image.open(path), text=f"USER: <image>\n{prompt} ASSISTANT:", return_tensors="pt")
+        with torch.no_grad():
+            attentions = eager(**inputs, output_attentions=True).attentions
+        is_image = inputs["input_ids"][0] == IMAGE_TOKEN_ID
+        rows = torch.stack([attention[0, :, -1] for attention in attentions])  # [layers, heads, keys]
+        ratios.append(rows[..., is_image].sum(-1) / rows[..., ~is_image].sum(-1))
+    ratios = torch.stack(ratios)
+    alpha = float(ratios[:, 2:].median())
+    expected = ((ratios > alpha).sum(0) > 0.4 * len(images)).tolist()
+    expected[0] = expected[1] = [True] * 4
+
+    assert main(["--model", str(output), "--images", *images, "--prompts", prompt, "--alpha", str(alpha)]) == 0
+    config = YopoConfig.from_pretrained(output)
+    assert config.vision_head_mask == expected
+    assert "heads kept per layer (of 4)" in capsys.readouterr().out
+    assert any(not all(row) for row in expected[2:])  # the threshold prunes something here
+
+    assert main(["--model", str(output), "--images", *images, "--prompts", prompt, "--keep-fraction", "0.75"]) == 0
+    kept = [sum(row) for row in YopoConfig.from_pretrained(output).vision_head_mask]
+    assert kept[:2] == [4, 4] and abs(sum(kept) / 4 - 3) <= 0.5
+    assert main(["--model", str(base_folder), "--images", *images, "--prompts", prompt]) == 2
+    assert "is not a YOPO model" in capsys.readouterr().err
