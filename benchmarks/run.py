@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
+
+from sparse_llava.flops import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -146,7 +147,7 @@ def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
     result = {}
     with torch.no_grad():
         # As in generate(): only the last position's logits are computed at prefill.
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             model(**inputs, use_cache=True, logits_to_keep=1)
         result["prefill_flops"] = counter.get_total_flops()
         times = []

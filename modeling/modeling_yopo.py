@@ -41,8 +41,22 @@ class VisionLayout:
     text_present: torch.Tensor  # [batch, texts]
     vision_index: torch.Tensor  # [batch, visions] slot of each vision token
     vision_present: torch.Tensor  # [batch, visions]
-    neighbors: torch.Tensor | None  # [batch, visions, w * w] index into the vision list (None: window off)
-    neighbor_present: torch.Tensor | None  # [batch, visions, w * w]
+    window_blocks: "WindowBlocks | None" = None  # None: window off
+
+
+@dataclass
+class WindowBlocks:
+    """
+    Neighbour-window attention in blocks: each block is a `b x b` tile of one image grid (its queries) and the tile
+    widened by the window radius on every side (its keys), so every query finds its whole window in its block's keys.
+    Attention then runs per block as a small dense problem (fast matrix products) at a cost linear in the number of
+    vision tokens. Entries are rows of the token-major `[batch * visions]` vision list, -1 where a cell is empty.
+    """
+
+    queries: torch.Tensor  # [blocks, b * b]
+    keys: torch.Tensor  # [blocks, (b + 2r) ** 2]
+    allowed: torch.Tensor  # [blocks, b * b, (b + 2r) ** 2] key within the query's window, both present
+    batch_index: torch.Tensor  # [blocks] the row each block belongs to
 
 
 @dataclass
@@ -66,6 +80,28 @@ class LayerPlan:
     window: int
     vision_in_layer: bool  # vision tokens are in this layer's sequence
     dense: bool  # the layer computes exactly what the base layer computes
+
+
+WINDOW_BLOCK = 8  # side of the query tiles of window attention (keys: the tile widened by the window radius)
+
+
+def tile_grid(rows: torch.Tensor, columns: torch.Tensor, token_rows: torch.Tensor, radius: int):
+    """
+    Cut a grid (cells at `rows`, `columns` holding tokens `token_rows`) into `WINDOW_BLOCK`-sided tiles: per tile, the
+    tokens of its cells (`[tiles, b * b]`) and of the cells within `radius` around it (`[tiles, (b + 2r) ** 2]`),
+    row-major, -1 for empty cells. Tiles without tokens are left out.
+    """
+    block = WINDOW_BLOCK
+    tiles_down, tiles_across = -(-(int(rows.max()) + 1) // block), -(-(int(columns.max()) + 1) // block)
+    cell_map = torch.full((tiles_down * block + 2 * radius, tiles_across * block + 2 * radius), -1)
+    cell_map[rows + radius, columns + radius] = token_rows
+    top, left = torch.meshgrid(torch.arange(tiles_down) * block, torch.arange(tiles_across) * block, indexing="ij")
+    top, left = top.flatten()[:, None, None], left.flatten()[:, None, None]
+    inside, around = torch.arange(block), torch.arange(block + 2 * radius)
+    queries = cell_map[top + radius + inside[:, None], left + radius + inside[None, :]].flatten(1)
+    keys = cell_map[top + around[:, None], left + around[None, :]].flatten(1)
+    occupied = (queries >= 0).any(1)
+    return queries[occupied], keys[occupied]
 
 
 def left_aligned(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,36 +219,42 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         is_image = stream.is_image & stream.valid
         text_index, text_present = left_aligned(stream.valid & ~is_image)
         vision_index, vision_present = left_aligned(is_image)
-        neighbors = neighbor_present = None
-        if self.config.neighbor_window:
-            image = stream.image_index.gather(1, vision_index)
-            offset = stream.image_offset.gather(1, vision_index)
-            tables = [self.window_table(stream, image_idx) for image_idx in range(len(stream.image_lengths))]
-            table = torch.cat(tables).to(vision_index.device)  # [all image tokens, w * w] neighbour offsets
-            starts = torch.tensor([0, *stream.image_lengths[:-1]], device=vision_index.device).cumsum(0)
-            global_offset = torch.where(vision_present, starts[image.clamp(min=0)] + offset, 0)
-            neighbor_offset = table[global_offset]  # [batch, visions, w * w]
-            position = torch.arange(vision_index.shape[1], device=vision_index.device)
-            # An image's tokens are consecutive in the vision list, so its token `o` sits `o - offset` entries away.
-            neighbors = (position - offset).unsqueeze(-1) + neighbor_offset
-            neighbor_present = (neighbor_offset >= 0) & vision_present.unsqueeze(-1)
-            neighbors = torch.where(neighbor_present, neighbors, 0)
-        return VisionLayout(text_index, text_present, vision_index, vision_present, neighbors, neighbor_present)
+        layout = VisionLayout(text_index, text_present, vision_index, vision_present)
+        if self.config.neighbor_window and vision_index.shape[1]:
+            layout.window_blocks = self.window_blocks(stream, layout)
+        return layout
 
-    def window_table(self, stream: TokenStream, image_idx: int) -> torch.Tensor:
-        """`[tokens of the image, w * w]`: offsets (within the image) of each token's window neighbours, -1 if none."""
-        cells = self.image_cells(stream, image_idx)  # [n, 3] grid, row, column
-        radius = self.config.neighbor_window // 2
-        grid, row, column = cells.unbind(-1)
-        cell_map = torch.full((2, int(row.max()) + 1 + 2 * radius, int(column.max()) + 1 + 2 * radius), -1)
-        cell_map[grid, row + radius, column + radius] = torch.arange(len(cells))
-        shifts = torch.arange(-radius, radius + 1)
-        row_shift, column_shift = torch.meshgrid(shifts, shifts, indexing="ij")
-        return cell_map[
-            grid[:, None],
-            row[:, None] + radius + row_shift.flatten(),
-            column[:, None] + radius + column_shift.flatten(),
-        ]
+    def window_blocks(self, stream: TokenStream, layout: VisionLayout) -> WindowBlocks:
+        """Tile every image grid of the chunk into window blocks (host-side, once per chunk)."""
+        num_visions = layout.vision_index.shape[1]
+        image = torch.where(layout.vision_present, stream.image_index.gather(1, layout.vision_index), -1).cpu()
+        offset = stream.image_offset.gather(1, layout.vision_index).cpu()
+        radius, block = self.config.neighbor_window // 2, WINDOW_BLOCK
+        queries, keys = [], []
+        for image_idx in range(len(stream.image_lengths)):
+            first = ((image == image_idx) & (offset == 0)).nonzero()
+            if not len(first):
+                continue  # an image of a padded-away or absent row
+            row, start = first[0].tolist()
+            cells = self.image_cells(stream, image_idx)
+            # An image's tokens are consecutive in its row's vision list.
+            token_rows = row * num_visions + start + torch.arange(len(cells))
+            for grid in cells[:, 0].unique().tolist():
+                in_grid = cells[:, 0] == grid
+                grid_queries, grid_keys = tile_grid(cells[in_grid, 1], cells[in_grid, 2], token_rows[in_grid], radius)
+                queries.append(grid_queries)
+                keys.append(grid_keys)
+        queries, keys = torch.cat(queries), torch.cat(keys)
+        side = block + 2 * radius
+        query_cell, key_cell = torch.arange(block * block), torch.arange(side * side)
+        # A query at (i, j) of its tile sits at (i + r, j + r) of the widened tile; its window is within r of that.
+        near_rows = (key_cell[None, :] // side - query_cell[:, None] // block - radius).abs() <= radius
+        near_columns = (key_cell[None, :] % side - query_cell[:, None] % block - radius).abs() <= radius
+        allowed = (near_rows & near_columns)[None] & (queries >= 0)[:, :, None] & (keys >= 0)[:, None, :]
+        device = layout.vision_index.device
+        return WindowBlocks(
+            queries.to(device), keys.to(device), allowed.to(device), (queries.max(1).values // num_visions).to(device)
+        )
 
     def image_cells(self, stream: TokenStream, image_idx: int) -> torch.Tensor:
         """`[n, 3]` long: for each token of an image, its grid (0 base image, 1 high resolution), row and column."""
@@ -262,7 +304,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         batch_size, length = stream.valid.shape
         index = torch.arange(length, device=stream.valid.device).expand(batch_size, -1)
         empty = index[:, :0]
-        return VisionLayout(index, stream.valid, empty, empty.bool(), None, None)
+        return VisionLayout(index, stream.valid, empty, empty.bool())
 
     def yopo_layer(self, layer_idx, decoder_layer, stream: TokenStream, layout: VisionLayout, cache):
         plan = self.plans[layer_idx]
@@ -399,27 +441,30 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             layout.text_index[:, None, :] < layout.vision_index[:, :, None]
         )
         text_visible = torch.cat([past_visible[:, None, :].expand(-1, num_visions, -1), chunk_visible], dim=-1)
-        text_scores = (query @ text_keys.transpose(-1, -2)) * attention.scaling
-        text_scores = text_scores.masked_fill(~text_visible[:, None], -torch.inf)
 
-        # Window keys: gathered per query, so the cost grows with (vision tokens x window), not its square.
-        flat = layout.neighbors.flatten(1)  # [batch, visions * w * w]
-        window = layout.neighbors.shape[-1]
-        index = flat[:, None, :, None].expand(-1, num_heads, -1, head_dim)
-        window_keys = vision_key.gather(2, index).view(batch_size, num_heads, num_visions, window, head_dim)
-        window_scores = torch.einsum("bhvd,bhvwd->bhvw", query, window_keys) * attention.scaling
-        window_visible = layout.neighbor_present.clone()
-        window_visible[..., window // 2] |= ~layout.vision_present  # absent entries attend to "themselves": no NaN
-        window_scores = window_scores.masked_fill(~window_visible[:, None], -torch.inf)
+        # Window keys, block by block (see `WindowBlocks`): every block is a small dense attention problem.
+        blocks = layout.window_blocks
+        query_rows, key_rows = blocks.queries.clamp(min=0), blocks.keys.clamp(min=0)
 
-        weights = torch.softmax(torch.cat([text_scores, window_scores], dim=-1), dim=-1, dtype=torch.float32)
-        weights = weights.to(query.dtype)
-        text_weights, window_weights = weights.split([text_scores.shape[-1], window], dim=-1)
-        output = text_weights @ text_values
-        if plan.value_heads:  # "reference" semantics past the cutoff: vision values count as zero
-            window_values = vision_value.gather(2, index).view(batch_size, num_heads, num_visions, window, head_dim)
-            output = output + torch.einsum("bhvw,bhvwd->bhvd", window_weights, window_values)
-        return output.transpose(1, 2).flatten(2)
+        def token_major(states):  # [batch, heads, visions, head_dim] -> [batch * visions, heads, head_dim]
+            return states.transpose(1, 2).reshape(batch_size * num_visions, num_heads, head_dim)
+
+        def per_block(states, rows):  # -> [blocks, heads, rows, head_dim]
+            return token_major(states).index_select(0, rows.flatten()).unflatten(0, rows.shape).transpose(1, 2)
+
+        block_keys = torch.cat([text_keys[blocks.batch_index], per_block(vision_key, key_rows)], dim=2)
+        block_values = torch.cat([text_values[blocks.batch_index], per_block(vision_value, key_rows)], dim=2)
+        block_text_visible = text_visible.flatten(0, 1)[query_rows]  # [blocks, b * b, text keys]
+        allowed = torch.cat([block_text_visible, blocks.allowed], dim=-1)
+        allowed |= (blocks.queries < 0).unsqueeze(-1)  # empty cells attend anywhere (no NaN); their output is unused
+        output = F.scaled_dot_product_attention(
+            per_block(query, query_rows), block_keys, block_values, attn_mask=allowed[:, None], scale=attention.scaling
+        )
+        # Back to the vision list; empty cells go to a spare row.
+        target = torch.where(blocks.queries >= 0, blocks.queries, batch_size * num_visions).flatten()
+        result = output.new_zeros((batch_size * num_visions + 1, num_heads * head_dim))
+        result = result.index_copy(0, target, output.transpose(1, 2).flatten(2).flatten(0, 1))
+        return result[:-1].view(batch_size, num_visions, num_heads * head_dim)
 
     @staticmethod
     def narrow_ffn(mlp, hidden: torch.Tensor, neurons: int) -> torch.Tensor:

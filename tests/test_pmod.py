@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from test_dynamic_llava_prefill import inputs_for, row_alone
-from torch.utils.flop_counter import FlopCounterMode
 
 import sparse_llava
 from sparse_llava import PMoDConfig, PMoDLlavaForConditionalGeneration
+from sparse_llava.flops import flop_counter
 from sparse_llava.tiny import IMAGE_TOKEN_ID, build_tiny_llava, tiny_base_config
 
 # p_mod.md 2.2: the release schedule on 32 layers, and the tokens kept of a 576-token LLaVA-1.5 image.
@@ -167,7 +167,7 @@ def test_cost_near_the_papers_ratios(tmp_path):
     with torch.no_grad():
         flops = {}
         for name, candidate in (("dense", base), ("pmod", model)):
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 output = candidate(**inputs, use_cache=True, logits_to_keep=1)
             flops[name] = counter.get_total_flops()
     ratio = flops["pmod"] / flops["dense"]

@@ -4,11 +4,11 @@ savings real (no vision K/V past the cutoff, fewer FLOPs)."""
 import pytest
 import torch
 from test_dynamic_llava_prefill import inputs_for, row_alone
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from sparse_llava.configuration_yopo import YopoConfig, preset_settings
-from sparse_llava.modeling_yopo import YopoLlavaForConditionalGeneration
+from sparse_llava.flops import flop_counter
+from sparse_llava.modeling_yopo import WINDOW_BLOCK, YopoLlavaForConditionalGeneration
 from sparse_llava.tiny import IMAGE_TOKEN_ID, PATCH_SIZE, build_tiny_llava, tiny_base_config
 
 DENSE_EQUIVALENT = {
@@ -287,7 +287,7 @@ def test_cut_layers_hold_no_vision_keys_and_values(base_checkpoints):
 
 def language_model_flops(model, inputs) -> int:
     """FLOPs of a prefill, without the vision tower and projector (the same in every model)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         model(**inputs, logits_to_keep=1)
     counts = counter.get_flop_counts()
     vision = sum(
@@ -312,12 +312,14 @@ def test_twelve_percent_preset_flops_on_576_vision_tokens(tmp_path):
     assert preset / dense <= 0.3, preset / dense
 
     # Half the heads of layers 2..7 pruned: each pruned head saves, per vision token, its q, k, v, o slices
-    # (4 x 2 * d * head_dim) and its attention over the 51 text keys and the 25 window keys (2 x 2 * head_dim each).
+    # (4 x 2 * d * head_dim) and its attention over the 51 text keys and its window block's keys (2 x 2 * head_dim
+    # each; a block's keys are its 8 x 8 tile widened by the radius 2 of the 5 x 5 window: 12 x 12).
     head_mask = [[True] * 4 if layer < 2 else [True, True, False, False] for layer in range(8)]
     all_heads = language_model_flops(yopo_from(base_model, neighbor_window=5), inputs)
     half_heads = language_model_flops(yopo_from(base_model, neighbor_window=5, vision_head_mask=head_mask), inputs)
     pruned_heads, head_dim = 6 * 2, 32
-    expected = pruned_heads * 576 * (4 * 2 * 128 * head_dim + 2 * 2 * head_dim * (51 + 25))
+    block_keys = (WINDOW_BLOCK + 2 * 2) ** 2
+    expected = pruned_heads * 576 * (4 * 2 * 128 * head_dim + 2 * 2 * head_dim * (51 + block_keys))
     assert all_heads - half_heads == pytest.approx(expected, rel=0.01)
 
 
