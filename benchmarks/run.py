@@ -14,7 +14,10 @@ Untrained predictors would make arbitrary decisions, so the decisions are forced
   its output-text predictor is given a bias on the keep logit, calibrated on untimed generations of the measured
   length so that it keeps about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is
   reported (`output_keep_rate_N`);
-* p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule).
+* p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule);
+* YOPO runs its 12% preset (5 x 5 window, vision tokens in the first quarter of the layers, half the FFN neurons)
+  with half the heads (the first half, a stand-in for a calibrated mask) pruned for vision tokens from layer 2 on,
+  the layers the reference never prunes being 0 and 1.
 
 Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is asserted: timings are for reading.
 """
@@ -43,7 +46,10 @@ from sparse_llava import (  # noqa: E402
     PMoDConfig,
     PMoDLlavaForConditionalGeneration,
     SparseLlavaConfig,
+    YopoConfig,
+    YopoLlavaForConditionalGeneration,
 )
+from sparse_llava.configuration_yopo import preset_settings  # noqa: E402
 
 IMAGE_TOKEN_ID = 32000
 
@@ -103,6 +109,7 @@ def build_models(device) -> dict:
         "dynamic-llava": DynamicLlavaForConditionalGeneration(dynamic_config),
         # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
         "p-mod": PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config)),
+        "yopo": YopoLlavaForConditionalGeneration(yopo_config(config, "12%")),
     }
     for name, model in models.items():
         if model is not dense:
@@ -111,6 +118,18 @@ def build_models(device) -> dict:
         model.eval().to(device)
         model.generation_config.pad_token_id = 0
     return models
+
+
+def yopo_config(config, preset: str) -> YopoConfig:
+    """A YOPO preset with half the heads pruned for vision tokens from layer 2 on (see module docstring)."""
+    text = config.text_config
+    num_heads = text.num_attention_heads
+    head_mask = [
+        [layer < 2 or head < num_heads // 2 for head in range(num_heads)] for layer in range(text.num_hidden_layers)
+    ]
+    return YopoConfig.from_base_config(
+        config, **preset_settings(preset, text.num_hidden_layers), vision_head_mask=head_mask
+    )
 
 
 def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds: int = 2) -> None:
