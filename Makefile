@@ -26,7 +26,8 @@ lint: install
 	$(PY) -m ruff check .
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/run.py
+	$(PY) -m pip install --quiet -e ".[plot]"
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run.py --json benchmarks/latest.json --plot benchmarks/latest.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

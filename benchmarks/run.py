@@ -1,13 +1,25 @@
 """Cost of sparse-llava models against transformers' dense LLaVA, measured in one run.
 
-    python benchmarks/run.py [--quick] [--json results.json] [--device cpu|cuda] [--new-tokens 256 1024 4096]
+    python benchmarks/run.py [--quick] [--json results.json] [--plot figure.png] [--device cpu|cuda]
+                             [--new-tokens 256 1024 4096]
 
-All models share the same random weights: a mid-size LLaVA-1.5-shaped model (hidden 1024, 16 decoder layers, one
-336 px image = 576 image tokens; the vision tower is kept small so that the language model, which the methods act
-on, dominates). For each method it measures
+All models of a shape share the same random weights. Two mid-size shapes (hidden 1024; the vision tower is kept small
+so that the language model, which the methods act on, dominates):
 
-* prefill FLOPs (`torch.utils.flop_counter`) and prefill wall time (median of repeats after a warm-up);
-* the KV-cache bytes after prefill and after N new tokens (`--new-tokens`), and decode tokens/s with the cache.
+* LLaVA-1.5-shaped: 16 decoder layers, one 336 px image = 576 image tokens, 24 text tokens;
+* LLaVA-NeXT-shaped: 8 decoder layers, one 672 x 672 image = 2,928 image tokens (base tile, 2 x 2 tiles, newlines).
+
+For each method it measures, on the LLaVA-1.5 shape,
+
+* prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
+  after a warm-up);
+* the KV-cache bytes after prefill and after N new tokens (`--new-tokens`), and decode tokens/s with the cache;
+* the peak resident memory above the loaded model during a prefill and the longest generation (CUDA: the allocator's
+  peak; CPU: the process's resident set, sampled every millisecond);
+
+and prefill FLOPs, prefill time, KV after prefill and peak memory on the LLaVA-NeXT shape (`next_*`). `--plot` draws
+KV-cache bytes and cumulative decode FLOPs against output tokens for every method (needs matplotlib:
+`pip install sparse-llava[plot]`).
 
 Untrained predictors would make arbitrary decisions, so the decisions are forced to the paper's keep rates:
 * Dynamic-LLaVA's image predictor keeps its top `floor(0.2 n)` image tokens whatever its weights (a fixed count);
@@ -24,16 +36,22 @@ Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is a
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlavaConfig, LlavaForConditionalGeneration
-
-from sparse_llava.flops import flop_counter
+from transformers import (
+    DynamicCache,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,17 +68,19 @@ from sparse_llava import (  # noqa: E402
     YopoLlavaForConditionalGeneration,
 )
 from sparse_llava.configuration_yopo import preset_settings  # noqa: E402
+from sparse_llava.flops import flop_counter  # noqa: E402
 
 IMAGE_TOKEN_ID = 32000
+NEXT_IMAGE_SIZE = (672, 672)  # a 2 x 2 tile grid: 576 base + 48 x (48 + 1) high-resolution tokens = 2,928
 
 
-def base_config(num_layers: int = 16) -> LlavaConfig:
+def base_config(shape: str = "llava-1.5"):
     text = dict(
         model_type="llama",
         vocab_size=32064,
         hidden_size=1024,
         intermediate_size=2816,
-        num_hidden_layers=num_layers,
+        num_hidden_layers=16 if shape == "llava-1.5" else 8,
         num_attention_heads=16,
         num_key_value_heads=16,
         max_position_embeddings=8192,
@@ -75,28 +95,56 @@ def base_config(num_layers: int = 16) -> LlavaConfig:
         num_attention_heads=4,
         projection_dim=256,
     )
-    return LlavaConfig(
-        text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1
-    )
+    common = dict(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1)
+    if shape == "llava-1.5":
+        return LlavaConfig(**common)
+    return LlavaNextConfig(**common, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672]])
 
 
-def make_inputs(device) -> dict:
+def image_tokens(model) -> int:
+    """Number of image tokens the dense model produces for the benchmark's image."""
+    if isinstance(model, LlavaForConditionalGeneration):
+        return 576
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    config, side = model.config, 336 // 14
+    rows, columns = get_anyres_image_grid_shape(NEXT_IMAGE_SIZE, config.image_grid_pinpoints, 336)
+    height, width = unpad_image(torch.zeros(1, rows * side, columns * side), torch.tensor(NEXT_IMAGE_SIZE)).shape[1:]
+    return side * side + height * (width + 1)
+
+
+def make_inputs(dense, device) -> dict:
     generator = torch.Generator().manual_seed(0)
     # A short LLaVA-1.5-style prompt: system text, the image, the question.
     before, after = torch.randint(100, 30000, (1, 12), generator=generator), torch.randint(100, 30000, (1, 12))
-    input_ids = torch.cat([before, torch.full((1, 576), IMAGE_TOKEN_ID), after], dim=1)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": torch.randn(1, 3, 336, 336, generator=generator).to(device),
-    }
+    input_ids = torch.cat([before, torch.full((1, image_tokens(dense)), IMAGE_TOKEN_ID), after], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if isinstance(dense, LlavaForConditionalGeneration):
+        inputs["pixel_values"] = torch.randn(1, 3, 336, 336, generator=generator)
+    else:
+        inputs["pixel_values"] = torch.randn(1, 5, 3, 336, 336, generator=generator)
+        inputs["image_sizes"] = torch.tensor([NEXT_IMAGE_SIZE])
+    return {key: value.to(device) for key, value in inputs.items()}
 
 
-def build_models(device) -> dict:
+def yopo_config(config, preset: str) -> YopoConfig:
+    """A YOPO preset with half the heads pruned for vision tokens from layer 2 on (see module docstring)."""
+    text = config.text_config
+    num_heads = text.num_attention_heads
+    head_mask = [
+        [layer < 2 or head < num_heads // 2 for head in range(num_heads)] for layer in range(text.num_hidden_layers)
+    ]
+    return YopoConfig.from_base_config(
+        config, **preset_settings(preset, text.num_hidden_layers), vision_head_mask=head_mask
+    )
+
+
+def build_models(shape, device) -> dict:
     """Dense LLaVA and each method, all with the dense model's weights (the methods' new modules freshly made)."""
     torch.manual_seed(0)
-    config = base_config()
-    dense = LlavaForConditionalGeneration(config).eval()
+    config = base_config(shape)
+    dense_class = LlavaForConditionalGeneration if shape == "llava-1.5" else LlavaNextForConditionalGeneration
+    dense = dense_class(config).eval()
     # The paper's predictors (width 512) sit on a 4096-wide LLM; scale them with the model (1024 / 8 = 128) so that
     # their share of the cost is the paper's, not four times it.
     dynamic_config = DynamicLlavaConfig.from_base_config(
@@ -120,18 +168,6 @@ def build_models(device) -> dict:
     return models
 
 
-def yopo_config(config, preset: str) -> YopoConfig:
-    """A YOPO preset with half the heads pruned for vision tokens from layer 2 on (see module docstring)."""
-    text = config.text_config
-    num_heads = text.num_attention_heads
-    head_mask = [
-        [layer < 2 or head < num_heads // 2 for head in range(num_heads)] for layer in range(text.num_hidden_layers)
-    ]
-    return YopoConfig.from_base_config(
-        config, **preset_settings(preset, text.num_hidden_layers), vision_head_mask=head_mask
-    )
-
-
 def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds: int = 2) -> None:
     """
     Bias the keep logit so that about `rate` of `tokens` generated tokens are kept (see module docstring). The
@@ -151,10 +187,11 @@ def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds
     handle.remove()
 
 
-def kv_bytes(cache) -> int:
+def kv_bytes(cache, stored_only: bool = False) -> int:
+    """Bytes of the KV cache as allocated (`stored_only`: of the tokens it holds, leaving out unused capacity)."""
     if isinstance(cache, DynamicCache):
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return cache.allocated_bytes()
+    return cache.memory_bytes() if stored_only else cache.allocated_bytes()
 
 
 def synchronize(device) -> None:
@@ -162,7 +199,49 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
+class PeakMemory:
+    """
+    Peak memory above the level at entry, in bytes: the CUDA allocator's peak on a GPU; on CPU the process's resident
+    set (Linux `/proc/self/statm`), sampled every millisecond by a background thread.
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak = 0
+
+    @staticmethod
+    def resident() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.highest = self.resident()
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.001):
+                self.highest = max(self.highest, self.resident())
+
+        self.sampler = threading.Thread(target=sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.stop.set()
+            self.sampler.join()
+            self.peak = max(self.highest, self.resident()) - self.start
+
+
+def measure_prefill(model, inputs, repeats, device) -> dict:
     result = {}
     with torch.no_grad():
         # As in generate(): only the last position's logits are computed at prefill.
@@ -177,19 +256,29 @@ def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
             synchronize(device)
             times.append(time.perf_counter() - start)
         result["prefill_time"] = statistics.median(times[1:])
-        result["kv_bytes_prefill"] = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
+        with PeakMemory(device) as peak:
+            cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+        result["kv_bytes_prefill"] = kv_bytes(cache)
+        result["peak_memory_prefill"] = peak.peak
+    return result
+
+
+def measure_decode(name, model, inputs, new_tokens, device) -> dict:
+    result = {}
     for count in new_tokens:
         if hasattr(model, "output_text_score_predictor"):
             force_output_keep_rate(model, inputs, tokens=count)
         synchronize(device)
-        start = time.perf_counter()
-        output = model.generate(
-            **inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, return_dict_in_generate=True
-        )
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            output = model.generate(
+                **inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, return_dict_in_generate=True
+            )
+            synchronize(device)
+            elapsed = time.perf_counter() - start
         result[f"kv_bytes_{count}"] = kv_bytes(output.past_key_values)
-        result[f"decode_tps_{count}"] = (count - 1) / max(elapsed - result["prefill_time"], 1e-9)
+        result[f"peak_memory_{count}"] = peak.peak
+        result[f"decode_time_{count}"] = elapsed
         if hasattr(output.past_key_values, "sparsity_report"):
             last = output.past_key_values.sparsity_report()[-1]
             result[f"output_keep_rate_{count}"] = last["output_text_kept"][0] / max(last["output_text_seen"][0], 1)
@@ -198,65 +287,129 @@ def measure(name, model, inputs, new_tokens, repeats, device) -> dict:
     return result
 
 
+def decode_trace(model, inputs, tokens: int) -> dict:
+    """Per generated token: KV bytes the cache holds, and cumulative decode FLOPs (for the plot)."""
+    steps = {"kv_bytes": [], "decode_flops": []}
+    counter = flop_counter()
+    prefill_flops = 0
+
+    def after_forward(module, args, kwargs, output):
+        nonlocal prefill_flops
+        if kwargs["input_ids"].shape[1] > 1:  # the prompt
+            prefill_flops = counter.get_total_flops()
+            return
+        steps["kv_bytes"].append(kv_bytes(output.past_key_values, stored_only=True))
+        steps["decode_flops"].append(counter.get_total_flops() - prefill_flops)
+
+    handle = model.register_forward_hook(after_forward, with_kwargs=True)
+    try:
+        with torch.no_grad(), counter:
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    finally:
+        handle.remove()
+    return steps
+
+
+def plot(traces: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'sparse-llava[plot]'") from None
+    figure, (kv_axis, flops_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, trace in traces.items():
+        steps = range(1, len(trace["kv_bytes"]) + 1)
+        kv_axis.plot(steps, [value / 2**20 for value in trace["kv_bytes"]], label=name)
+        flops_axis.plot(steps, [value / 1e12 for value in trace["decode_flops"]], label=name)
+    kv_axis.set(xlabel="output tokens", ylabel="KV cache (MiB)", title="KV-cache memory")
+    flops_axis.set(xlabel="output tokens", ylabel="TFLOPs", title="Cumulative decode FLOPs")
+    for axis in (kv_axis, flops_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("LLaVA-1.5-shaped model (hidden 1024, 16 layers, 576 image tokens), against dense LLaVA")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI-sized run: 256 new tokens, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="CI-sized run: 256 new tokens, 2 repeats")
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--plot", default=None, help="draw KV bytes and decode FLOPs against output tokens here")
     args = parser.parse_args()
     new_tokens = args.new_tokens or ([256] if args.quick else [256, 1024, 4096])
-    repeats = args.repeats or (3 if args.quick else 5)
-
-    inputs = make_inputs(args.device)
-    models = build_models(args.device)
-
-    absolute = {}
-    for name, model in models.items():
-        print(f"measuring {name}", file=sys.stderr, flush=True)
-        absolute[name] = measure(name, model, inputs, new_tokens, repeats, args.device)
-
+    repeats = args.repeats or (2 if args.quick else 5)
     longest = max(new_tokens)
-    dense = absolute["dense"]
-    ratios = {}
-    for name, values in absolute.items():
-        ratios[name] = {
-            "prefill_flops": values["prefill_flops"] / dense["prefill_flops"],
-            "prefill_time": values["prefill_time"] / dense["prefill_time"],
-            "kv_bytes_prefill": values["kv_bytes_prefill"] / dense["kv_bytes_prefill"],
-            "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
-            "decode_tps": values[f"decode_tps_{longest}"] / dense[f"decode_tps_{longest}"],
-            **{f"kv_bytes_{n}": values[f"kv_bytes_{n}"] / dense[f"kv_bytes_{n}"] for n in new_tokens},
-        }
 
-    columns = [
+    absolute, traces = {}, {}
+    for shape in ("llava-1.5", "llava-next"):
+        models = build_models(shape, args.device)
+        inputs = make_inputs(models["dense"], args.device)
+        prefix = "" if shape == "llava-1.5" else "next_"
+        for name, model in models.items():
+            print(f"measuring {name} ({shape})", file=sys.stderr, flush=True)
+            values = absolute.setdefault(name, {})
+            values.update(
+                {prefix + key: value for key, value in measure_prefill(model, inputs, repeats, args.device).items()}
+            )
+            if shape == "llava-1.5":
+                values.update(measure_decode(name, model, inputs, new_tokens, args.device))
+                values["decode_tps"] = (longest - 1) / max(
+                    values[f"decode_time_{longest}"] - values["prefill_time"], 1e-9
+                )
+                values["peak_memory"] = max(values["peak_memory_prefill"], values[f"peak_memory_{longest}"])
+                if args.plot:
+                    traces[name] = decode_trace(model, inputs, longest)
+        del models
+
+    dense = absolute["dense"]
+    ratio_keys = [
         "prefill_flops",
         "prefill_time",
         "kv_bytes_prefill",
         *[f"kv_bytes_{n}" for n in new_tokens],
         "decode_tps",
+        "peak_memory",
+        "next_prefill_flops",
+        "next_prefill_time",
+        "next_kv_bytes_prefill",
+        "next_peak_memory_prefill",
     ]
-    print(f"\nratios against dense LLaVA (dense = 1.00); decode_tps and kv_bytes_long at {longest} new tokens")
-    print(f"{'method':<16}" + "".join(f"{column:>18}" for column in columns))
+    ratios = {
+        name: {
+            **{key: values[key] / dense[key] if dense[key] else float("nan") for key in ratio_keys},
+            "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
+        }
+        for name, values in absolute.items()
+    }
+
+    print(f"\nratios against dense LLaVA (dense = 1.00); decode_tps and peak_memory at {longest} new tokens")
+    print(f"{'method':<16}" + "".join(f"{column:>24}" for column in ratio_keys))
     for name, values in ratios.items():
-        print(f"{name:<16}" + "".join(f"{values[column]:>18.2f}" for column in columns))
+        print(f"{name:<16}" + "".join(f"{values[column]:>24.2f}" for column in ratio_keys))
     print("\nabsolute values")
     for name, values in absolute.items():
-        shown = ", ".join(
-            f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()
-        )
+        shown = ", ".join(f"{key}={value:.3g}" for key, value in values.items())
         print(f"{name:<16}{shown}")
 
     machine = {
         "device": args.device,
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     if args.json:
         Path(args.json).write_text(json.dumps({"methods": ratios, "absolute": absolute, "machine": machine}, indent=2))
+    if args.plot:
+        plot(traces, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":
