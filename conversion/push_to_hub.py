@@ -71,6 +71,9 @@ def push(
 
         api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if private:
+        # create_repo leaves an existing repo's visibility as it is; --private must not upload into a public repo.
+        api.update_repo_settings(repo_id, private=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     api.upload_folder(
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Upload a converted sparse-llava folder to the Hugging Face Hub.")
     parser.add_argument("folder", help="the converted model folder")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--private", action="store_true", help="make the repo private (also an existing one)")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     parser.add_argument("--commit-message", default="Upload sparse-llava model")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")

@@ -11,11 +11,18 @@ from sparse_llava.push_to_hub import PushError, files_to_upload, main, push
 
 
 class RecordingApi:
+    """Records calls to huggingface_hub's `HfApi`, checking each against the real method's signature."""
+
     def __init__(self):
         self.calls = []
 
     def __getattr__(self, name):
+        import inspect
+
+        from huggingface_hub import HfApi
+
         def record(*args, **kwargs):
+            inspect.signature(getattr(HfApi, name)).bind(self, *args, **kwargs)
             self.calls.append((name, args, kwargs))
 
         return record
@@ -37,9 +44,15 @@ def test_push_creates_the_repo_and_uploads_in_one_commit(converted):
     output = converted("llava")
     api = RecordingApi()
     files = push(output, "org/tiny-dynamic", private=True, revision="v1", api=api)
-    assert [name for name, _, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _, _ in api.calls] == [
+        "create_repo",
+        "update_repo_settings",
+        "create_branch",
+        "upload_folder",
+    ]
     assert api.calls[0][1] == ("org/tiny-dynamic",) and api.calls[0][2] == {"private": True, "exist_ok": True}
-    upload = api.calls[2][2]
+    assert api.calls[1][1] == ("org/tiny-dynamic",) and api.calls[1][2] == {"private": True}  # also an existing repo
+    upload = api.calls[3][2]
     assert upload["repo_id"] == "org/tiny-dynamic" and upload["revision"] == "v1"
     assert upload["folder_path"] == str(output)
     assert sorted(upload["allow_patterns"]) == sorted(str(path) for path in files)
