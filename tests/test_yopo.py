@@ -407,3 +407,24 @@ def test_calibration_writes_the_reference_rules_head_mask(base_checkpoints, tmp_
     assert kept[:2] == [4, 4] and abs(sum(kept) / 4 - 3) <= 0.5
     assert main(["--model", str(base_folder), "--images", *images, "--prompts", prompt]) == 2
     assert "is not a YOPO model" in capsys.readouterr().err
+
+
+def test_pruning_applies_in_training(base_checkpoints):
+    """Fine-tuning with YOPO on (as the reference trains): the loss is the masked implementation's, and gradients
+    reach the weights vision tokens use."""
+    base_model = base_checkpoints[("llava", "hub")][1]
+    model = yopo_from(base_model, **ALL_KNOBS).train()
+    inputs = inputs_for("llava")
+    # As in LLaVA training, no label is predicted from an image position (those leave the sequence at the cutoff).
+    after_image = torch.nn.functional.pad(inputs["input_ids"][:, :-1] == IMAGE_TOKEN_ID, (1, 0))
+    labels = torch.where(text_positions(inputs) & ~after_image, inputs["input_ids"], -100)
+    loss = model(**inputs, labels=labels).loss
+    expected_logits = masked_yopo(base_model, inputs, ALL_KNOBS, "renormalize")
+    expected = torch.nn.functional.cross_entropy(
+        expected_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    loss.backward()
+    first_layer = model.language_model.layers[0]
+    assert first_layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
