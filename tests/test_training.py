@@ -132,12 +132,13 @@ def test_training_loss_is_lm_loss_plus_weighted_keep_ratio_gaps(converted):
     torch.testing.assert_close(terms["output_text_mask_loss"], expected_text)
 
 
-def test_gradients_reach_both_predictors_through_the_attention(converted):
+@pytest.mark.parametrize("base", ["llava", "llava_next"])
+def test_gradients_reach_both_predictors_through_the_attention(converted, base):
     """With the regulariser off, only the LM loss through the masked attention can train the predictors."""
     model = DynamicLlavaForConditionalGeneration.from_pretrained(
-        converted("llava"), output_text_min_length=5, mask_loss_weight=0.0
+        converted(base), output_text_min_length=5, mask_loss_weight=0.0
     ).train()
-    out = model(**training_batch(answer_lengths=(6, 3)))
+    out = model(**training_batch(base, answer_lengths=(6, 3)))
     assert out.loss_terms["image_mask_loss"].item() == 0.0
     out.loss.backward()
     for name in ("image_score_predictor", "output_text_score_predictor"):
