@@ -442,10 +442,11 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """Run one of transformers' decoder layers on the stream; returns its output hidden states."""
         attention_mask = self.layer_attention_mask(layer_idx, stream, cache)
         # RoPE comes in `position_embeddings`. Positions have gaps after dropping, which flash-attention would
-        # mistake for packed sequences, so no `position_ids` reach the layer.
+        # mistake for packed sequences, so no `position_ids` reach the layer. The mask goes positionally: reentrant
+        # gradient checkpointing passes gradients only to positional inputs, and a training keep policy needs them.
         return decoder_layer(
             stream.hidden_states,
-            attention_mask=attention_mask,
+            attention_mask,
             past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=stream.position_embeddings,

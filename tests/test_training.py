@@ -147,15 +147,16 @@ def test_gradients_reach_both_predictors_through_the_attention(converted, base):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")  # its new name is 5.x only
+@pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("method", ["dynamic-llava", "p-mod"])
-def test_gradient_checkpointing_gives_the_same_gradients(converted, converted_pmod, method):
+def test_gradient_checkpointing_gives_the_same_gradients(converted, converted_pmod, method, use_reentrant):
     folder = converted("llava", output_text_min_length=5) if method == "dynamic-llava" else converted_pmod("llava")
     inputs = training_batch(answer_lengths=(6, 3))
     gradients = []
     for checkpointing in (False, True):
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
         torch.manual_seed(0)  # the same Gumbel noise
         model(**inputs).loss.backward()
         gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
