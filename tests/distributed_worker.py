@@ -1,7 +1,9 @@
-"""One rank of the DDP test (`tests/test_training.py`): launched twice by `torch.distributed.run` on CPU (gloo).
+"""One rank of the distributed tests (`tests/test_training.py`): launched twice by `torch.distributed.run` on CPU
+(gloo).
 
-Trains each given converted model a few steps with `SparseLlavaTrainer` and writes, per model, this rank's final
-weights, its world size and the first batch it trained on (and, from rank 0, the initial weights).
+Trains each given converted model a few steps with `SparseLlavaTrainer`, data-parallel (DDP) or, with `--fsdp`,
+sharded (FSDP 2), and writes, per model, this rank's final weights (with FSDP, the full weights as `save_model`
+gathers them), its world size and the first batch it trained on (and, from rank 0, the initial weights).
 """
 
 import argparse
@@ -13,6 +15,12 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from sparse_llava.tiny import tiny_inputs
 from sparse_llava.training import SparseLlavaTrainer, freeze_vision_tower
+
+# Every decoder layer its own shard group, as the README advises (`_no_split_modules`).
+FSDP = {
+    "fsdp": True,
+    "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]},
+}
 
 
 class Samples(torch.utils.data.Dataset):
@@ -37,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP 2 instead of DDP")
     args = parser.parse_args()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -54,6 +63,7 @@ def main() -> None:
             ddp_backend="gloo",
             disable_tqdm=True,
             seed=0,
+            **(FSDP if args.fsdp else {}),
         )
         trainer = SparseLlavaTrainer(
             model=model, args=training_args, train_dataset=Samples(), sparse_learning_rate=1e-2
@@ -66,7 +76,10 @@ def main() -> None:
             )
         first_batch = next(iter(trainer.get_train_dataloader()))["input_ids"].tolist()
         trainer.train()
-        torch.save(model.state_dict(), output / f"model{index}-rank{rank}.pt")
+        if args.fsdp:
+            trainer.save_model(output / f"model{index}-fsdp")
+        else:
+            torch.save(model.state_dict(), output / f"model{index}-rank{rank}.pt")
         info = {"world_size": trainer.args.world_size, "first_batch": first_batch}
         (output / f"model{index}-rank{rank}.json").write_text(json.dumps(info))
 

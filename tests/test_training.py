@@ -495,21 +495,33 @@ def test_training_kept_fraction_reaches_the_target(trained_on_marked_patches):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_ddp_training_keeps_the_ranks_in_sync(converted, converted_pmod, tmp_path):
-    output = tmp_path / "ddp"
+def run_distributed(models, output: Path, fsdp: bool = False) -> Path:
+    """Train `models` a few steps in two CPU processes with `tests/distributed_worker.py`; returns `output`."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "distributed_worker.py"),
-        "--models", str(converted("llava", output_text_min_length=3)), str(converted_pmod("llava")),
-        "--output", str(output),
-    ]  # fmt: skip
+        str(REPO / "tests" / "distributed_worker.py"), "--models", *map(str, models), "--output", str(output),
+    ] + (["--fsdp"] if fsdp else [])  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def distributed_models(converted, converted_pmod):
+    return [converted("llava", output_text_min_length=3), converted_pmod("llava")]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(distributed_models, tmp_path_factory):
+    return run_distributed(distributed_models, tmp_path_factory.mktemp("ddp"))
+
+
+def test_ddp_training_keeps_the_ranks_in_sync(ddp_run):
     for model_index in range(2):
-        initial = torch.load(output / f"model{model_index}-initial.pt")
-        ranks = [torch.load(output / f"model{model_index}-rank{rank}.pt") for rank in range(2)]
-        info = [json.loads((output / f"model{model_index}-rank{rank}.json").read_text()) for rank in range(2)]
+        initial = torch.load(ddp_run / f"model{model_index}-initial.pt")
+        ranks = [torch.load(ddp_run / f"model{model_index}-rank{rank}.pt") for rank in range(2)]
+        info = [json.loads((ddp_run / f"model{model_index}-rank{rank}.json").read_text()) for rank in range(2)]
         assert [entry["world_size"] for entry in info] == [2, 2]
         assert info[0]["first_batch"] != info[1]["first_batch"]  # each rank trained on its own shard of the data
         assert ranks[0].keys() == ranks[1].keys() == initial.keys()
@@ -518,3 +530,21 @@ def test_ddp_training_keeps_the_ranks_in_sync(converted, converted_pmod, tmp_pat
         # it did train, the method's new modules included
         new_modules = [name for name in initial if name.startswith(("image_score_predictor", "routers"))]
         assert new_modules and any(not torch.equal(ranks[0][name], initial[name]) for name in new_modules)
+
+
+def test_fsdp_training_matches_ddp(distributed_models, ddp_run, tmp_path_factory):
+    """FSDP 2 shards the weights but computes the same steps: its gathered weights are DDP's."""
+    fsdp_run = run_distributed(distributed_models, tmp_path_factory.mktemp("fsdp"), fsdp=True)
+    for model_index in range(len(distributed_models)):
+        sharded = AutoModelForImageTextToText.from_pretrained(
+            fsdp_run / f"model{model_index}-fsdp", trust_remote_code=True
+        )
+        reference = torch.load(ddp_run / f"model{model_index}-rank0.pt")
+        initial = torch.load(ddp_run / f"model{model_index}-initial.pt")
+        weights = sharded.state_dict()
+        assert weights.keys() == reference.keys()
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert any(
+            not torch.equal(weights[name], initial[name]) for name in weights if "predictor" in name or "router" in name
+        )
