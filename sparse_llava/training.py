@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import Trainer, TrainerCallback
 
 IGNORE_INDEX = -100  # label of the positions the language-modelling loss skips
@@ -164,11 +165,14 @@ class SparseLlavaTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # Every process logs at the same steps, so the terms can be averaged across processes here.
+        # Every process logs the training loss at the same steps, so the terms can be gathered here; processes may
+        # hold different terms (a batch without images has no image term), hence objects, not tensors.
         if "loss" in logs and self._loss_term_steps:
-            for name, total in sorted(self._loss_term_sums.items()):
-                mean = self.accelerator.reduce(total / self._loss_term_steps, reduction="mean")
-                logs[name] = round(mean.item(), 4)
+            local = {name: (total / self._loss_term_steps).item() for name, total in self._loss_term_sums.items()}
+            per_process = gather_object([local]) if self.args.world_size > 1 else [local]
+            for name in sorted(set().union(*per_process)):
+                values = [terms[name] for terms in per_process if name in terms]
+                logs[name] = round(sum(values) / len(values), 4)
             self._loss_term_sums, self._loss_term_steps = {}, 0
         super().log(logs, *args, **kwargs)
 

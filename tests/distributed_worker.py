@@ -1,9 +1,8 @@
-"""One rank of the distributed tests (`tests/test_training.py`): launched twice by `torch.distributed.run` on CPU
-(gloo).
+"""One rank of the distributed tests (`tests/test_training.py`), launched twice by `torch.distributed.run` on CPU.
 
 Trains each given converted model a few steps with `SparseLlavaTrainer`, data-parallel (DDP) or, with `--fsdp`,
-sharded (FSDP 2), and writes, per model, this rank's final weights (with FSDP, the full weights as `save_model`
-gathers them), its world size and the first batch it trained on (and, from rank 0, the initial weights).
+sharded (FSDP 2), and writes, per model: this rank's final weights (with FSDP, the full weights `save_model` gathers),
+world size, first batch and logs; rank 0 also writes the initial weights.
 """
 
 import argparse
@@ -62,6 +61,7 @@ def main() -> None:
             use_cpu=True,
             ddp_backend="gloo",
             disable_tqdm=True,
+            logging_steps=1,
             seed=0,
             **(FSDP if args.fsdp else {}),
         )
@@ -80,7 +80,7 @@ def main() -> None:
             trainer.save_model(output / f"model{index}-fsdp")
         else:
             torch.save(model.state_dict(), output / f"model{index}-rank{rank}.pt")
-        info = {"world_size": trainer.args.world_size, "first_batch": first_batch}
+        info = {"world_size": trainer.args.world_size, "first_batch": first_batch, "logs": trainer.state.log_history}
         (output / f"model{index}-rank{rank}.json").write_text(json.dumps(info))
 
 

@@ -524,6 +524,10 @@ def test_ddp_training_keeps_the_ranks_in_sync(ddp_run):
         info = [json.loads((ddp_run / f"model{model_index}-rank{rank}.json").read_text()) for rank in range(2)]
         assert [entry["world_size"] for entry in info] == [2, 2]
         assert info[0]["first_batch"] != info[1]["first_batch"]  # each rank trained on its own shard of the data
+        # the parts of the loss are gathered from both processes and logged the same on each
+        step_logs = [[entry for entry in entry_info["logs"] if "loss" in entry] for entry_info in info]
+        assert len(step_logs[0]) == 3 and step_logs[0] == step_logs[1]
+        assert all("lm_loss" in entry for entry in step_logs[0])
         assert ranks[0].keys() == ranks[1].keys() == initial.keys()
         for name in ranks[0]:
             assert torch.equal(ranks[0][name], ranks[1][name]), name
