@@ -323,6 +323,26 @@ def test_collator_labels_only_the_assistant_answers():
         collator([{**examples[0], "images": []}])
 
 
+def test_collated_llava_next_batch_trains(converted):
+    """Images of different sizes give different tile counts; the collator pads them and the model trains on it."""
+    processor = build_tiny_processor("llava_next")
+    collator = LlavaConversationCollator(processor, system_prompt="")
+    conversation = [{"from": "human", "value": "<image>\nWhat is in the image ?"}, {"from": "gpt", "value": "a cat"}]
+    sizes = [(IMAGE_SIZE, IMAGE_SIZE * 2), (IMAGE_SIZE * 2, IMAGE_SIZE * 2)]  # (height, width)
+    images = [Image.fromarray(np.full((height, width, 3), 100, np.uint8)) for height, width in sizes]
+    batch = collator([{"conversations": conversation, "images": [image]} for image in images])
+    assert batch["pixel_values"].shape == (2, 5, 3, IMAGE_SIZE, IMAGE_SIZE)  # base tile + 1x2 / 2x2 grid, padded
+    assert batch["image_sizes"].tolist() == [list(size) for size in sizes]
+    image_tokens = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(-1).tolist()
+    assert image_tokens == [sparse_llava.tiny.next_image_tokens(size) for size in sizes]
+
+    model = DynamicLlavaForConditionalGeneration.from_pretrained(converted("llava_next")).train()
+    out = model(**batch)
+    assert set(out.loss_terms) == {"lm_loss", "image_mask_loss", "output_text_mask_loss"}
+    out.loss.backward()
+    assert model.image_score_predictor.output_mlp[-1].weight.grad.abs().sum() > 0
+
+
 def write_llava_dataset(folder: Path, count: int = 8) -> Path:
     """A LLaVA-format JSON file with `count` one-image conversations and their PNG images."""
     rng = np.random.default_rng(0)
