@@ -137,8 +137,7 @@ class SparseLlavaTrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self.sparse_learning_rate = sparse_learning_rate
         self.sparse_weight_decay = sparse_weight_decay
-        self._loss_term_sums: dict[str, torch.Tensor] = {}
-        self._loss_term_steps = 0
+        self._loss_terms: dict[str, list[torch.Tensor]] = {}  # each part of the loss, per step since the last log
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.sparse_learning_rate is not None:
@@ -160,20 +159,19 @@ class SparseLlavaTrainer(Trainer):
         loss_terms = outputs.get("loss_terms") if isinstance(outputs, dict) else None
         if model.training and loss_terms:
             for name, value in loss_terms.items():
-                self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + value.detach().float()
-            self._loss_term_steps += 1
+                self._loss_terms.setdefault(name, []).append(value.detach().float())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # Every process logs the training loss at the same steps, so the terms can be gathered here; processes may
         # hold different terms (a batch without images has no image term), hence objects, not tensors.
-        if "loss" in logs and self._loss_term_steps:
-            local = {name: (total / self._loss_term_steps).item() for name, total in self._loss_term_sums.items()}
+        if "loss" in logs and self._loss_terms:
+            local = {name: torch.stack(values).mean().item() for name, values in self._loss_terms.items()}
             per_process = gather_object([local]) if self.args.world_size > 1 else [local]
             for name in sorted(set().union(*per_process)):
                 values = [terms[name] for terms in per_process if name in terms]
                 logs[name] = round(sum(values) / len(values), 4)
-            self._loss_term_sums, self._loss_term_steps = {}, 0
+            self._loss_terms = {}
         super().log(logs, *args, **kwargs)
 
 
