@@ -6,6 +6,11 @@ Two learned predictors read the hidden states entering decoder layer `sparse_lay
   tokens and layers `>= sparse_layer` run on the shortened sequence (their KV cache holds only kept tokens);
 * the output-text predictor scores each generated token (logit 0 = keep, logit 1 = drop, as in the reference code).
 
+In training (`model.train()`) no token is removed: the predictors' decisions are hard Gumbel-Softmax samples with
+the straight-through estimator, and layers `>= sparse_layer` hide the dropped keys with a float keep policy multiplied
+into their attention (the reference's MaskedSoftmax), so the language-modelling loss trains the predictors. A
+regulariser pulls each mask's kept fraction towards its target ratio.
+
 The predictors' sub-module structure and shapes follow the reference implementation exactly, so the released
 checkpoints' weights map onto them one to one.
 """
@@ -20,6 +25,8 @@ from torch import nn
 from .cache_sparse_llava import SparseCache
 from .configuration_dynamic_llava import DynamicLlavaConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream
+
+IGNORE_INDEX = -100  # label of the positions the language-modelling loss skips
 
 
 class PredictorSelfAttn(nn.Module):
@@ -135,6 +142,13 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     token always stays). With a cache, each new token is computed and attends to itself and the cache, and its K/V
     is admitted to the caches of layers `>= sparse_layer` only if the predictor keeps it. Both compute the same
     thing: a token's decision depends on earlier tokens only, through the full layers below `sparse_layer`.
+
+    In training mode every token stays: the image tokens (when `vision_keep_ratio < 1`) and the tokens of each row's
+    last answer (found from `labels`, when `text_sparsification` and the answer has at least
+    `config.output_text_min_length` tokens) get hard Gumbel-Softmax keep decisions at temperature `self.gumbel_tau`
+    (see `sparse_llava.training.GumbelTemperatureCallback`), which layers `>= sparse_layer` multiply into their
+    attention. The loss adds `config.mask_loss_weight` times the squared gap between each mask's kept fraction and its
+    target ratio, averaged over the batch (`loss_terms` holds the parts).
     """
 
     config_class = DynamicLlavaConfig
@@ -145,16 +159,15 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         super().__init__(config)
         self.image_score_predictor = ImageScorePredictor(config)
         self.output_text_score_predictor = OutputTextScorePredictor(config)
+        # Gumbel-Softmax temperature of the training decisions; a training schedule lowers it step by step.
+        self.gumbel_tau = config.gumbel_tau_start
         self.post_init()
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
-        if self.training and torch.is_grad_enabled():
-            raise NotImplementedError(
-                "Dynamic-LLaVA's training forward (Gumbel-Softmax decisions with masked attention) is not implemented "
-                "yet; use the model in eval mode"
-            )
         if layer_idx != self.config.sparse_layer:
             return stream
+        if self.training:
+            return self.sample_training_policy(stream)
         keep = None
         if stream.has_images and self.config.vision_keep_ratio < 1:
             keep = ~stream.is_image | self.select_image_tokens(stream)
@@ -176,18 +189,25 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         logits = self.output_text_score_predictor(stream.hidden_states)
         return logits[..., 0] > logits[..., 1]
 
-    def select_image_tokens(self, stream: TokenStream) -> torch.Tensor:
-        """`[batch, slots]` bool: the image tokens each image keeps (top-k of the image predictor's keep score)."""
+    def image_keep_logits(self, stream: TokenStream):
+        """
+        The image predictor's keep/drop logits `[images, longest, 2]`, one row per image (shorter images padded), with
+        `valid[images, longest]`; `logits[image_of_token, offset_in_image]` lists the image slots in row-major order.
+        """
         is_image = stream.is_image
         lengths = torch.tensor(stream.image_lengths, device=is_image.device)
         image_of_token, offset_in_image = stream.image_index[is_image], stream.image_offset[is_image]
 
         num_images, longest = len(stream.image_lengths), max(stream.image_lengths)
         per_image = stream.hidden_states.new_zeros((num_images, longest, stream.hidden_states.shape[-1]))
-        per_image[image_of_token, offset_in_image] = stream.hidden_states[is_image]
+        per_image = per_image.index_put((image_of_token, offset_in_image), stream.hidden_states[is_image])
         valid = torch.arange(longest, device=is_image.device) < lengths[:, None]
+        return self.image_score_predictor(per_image, valid), valid, image_of_token, offset_in_image
 
-        logits = self.image_score_predictor(per_image, valid)
+    def select_image_tokens(self, stream: TokenStream) -> torch.Tensor:
+        """`[batch, slots]` bool: the image tokens each image keeps (top-k of the image predictor's keep score)."""
+        is_image = stream.is_image
+        logits, valid, image_of_token, offset_in_image = self.image_keep_logits(stream)
         keep_score = F.log_softmax(logits.float(), dim=-1)[..., 0].masked_fill(~valid, -math.inf)
         num_kept = torch.tensor(
             [math.floor(n * self.config.vision_keep_ratio) for n in stream.image_lengths], device=is_image.device
@@ -199,6 +219,69 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         keep = torch.zeros_like(is_image)
         keep[is_image] = keep_per_image[image_of_token, offset_in_image]
         return keep
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training: Gumbel-Softmax decisions with the straight-through estimator, applied as an attention policy.
+    # ----------------------------------------------------------------------------------------------------------
+
+    def sample_keep_decisions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard 0/1 keep decisions from keep/drop `logits[..., 2]`; the gradient is the soft sample's (STE)."""
+        return F.gumbel_softmax(logits.float(), tau=self.gumbel_tau, hard=True)[..., 0]
+
+    def sample_training_policy(self, stream: TokenStream) -> TokenStream:
+        """
+        The stream layers `>= sparse_layer` see in training: every token, with a float `key_policy` (1 for text, the
+        sampled decision for image tokens and for the last answer's tokens) and the mask regularisers.
+        """
+        policy = torch.ones_like(stream.valid, dtype=stream.hidden_states.dtype)
+        losses = {}
+        rows = torch.arange(stream.valid.shape[0], device=stream.valid.device)[:, None].expand_as(stream.valid)
+        if stream.has_images and self.config.vision_keep_ratio < 1:
+            logits, _, image_of_token, offset_in_image = self.image_keep_logits(stream)
+            decisions = self.sample_keep_decisions(logits)[image_of_token, offset_in_image]  # image slots, row-major
+            policy = policy.masked_scatter(stream.is_image, decisions.to(policy.dtype))
+            kept_fraction, has_images = self.fraction_per_row(decisions, rows[stream.is_image], stream.is_image)
+            gap = (self.config.vision_keep_ratio - kept_fraction[has_images]) ** 2
+            losses["image_mask_loss"] = self.config.mask_loss_weight * gap.mean()
+        if self.config.text_sparsification and stream.labels is not None:
+            answer = last_answer_tokens(stream.labels) & stream.valid
+            if answer.any():
+                decisions = self.sample_keep_decisions(self.output_text_score_predictor(stream.hidden_states[answer]))
+                kept_fraction, _ = self.fraction_per_row(decisions, rows[answer], answer)
+                # Shorter answers keep every token, and their rows add nothing to the loss (the reference sets their
+                # target to their own kept fraction); the predictor still runs on them, so that every parameter
+                # takes part in every step, as DDP without `find_unused_parameters` needs.
+                sparsified = answer.sum(-1) >= self.config.output_text_min_length
+                decisions = torch.where(sparsified[rows[answer]], decisions, torch.ones_like(decisions))
+                policy = policy.masked_scatter(answer, decisions.to(policy.dtype))
+                gap = (self.config.output_text_keep_ratio - kept_fraction) ** 2 * sparsified
+                losses["output_text_mask_loss"] = self.config.mask_loss_weight * gap.mean()
+        if not losses:
+            return stream
+        return replace(
+            stream,
+            key_policy=policy,
+            admit=policy.detach() > 0.5,
+            auxiliary_losses={**stream.auxiliary_losses, **losses},
+        )
+
+    @staticmethod
+    def fraction_per_row(decisions: torch.Tensor, row_of_decision: torch.Tensor, selected: torch.Tensor):
+        """Per row, the mean of its `decisions` (0 where it has none), and whether it has any."""
+        count = selected.sum(-1)
+        kept = decisions.new_zeros(selected.shape[0]).index_add(0, row_of_decision, decisions)
+        return kept / count.clamp(min=1), count > 0
+
+
+def last_answer_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """
+    `[batch, seq]` bool: the tokens of each row's last answer, the last run of positions whose label is not ignored
+    (earlier turns' answers count as instructions, as in the reference).
+    """
+    in_answer = labels != IGNORE_INDEX
+    answers_later = in_answer.flip(-1).cumsum(-1).flip(-1) > 0  # an answer token at or after this position
+    breaks_later = (~in_answer & answers_later).flip(-1).cumsum(-1).flip(-1) > 0
+    return in_answer & ~breaks_later
 
 
 __all__ = [

@@ -13,7 +13,7 @@ A method subclasses [`SparseLlavaForConditionalGeneration`] and overrides `befor
 what a layer computes, `run_layer`).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from .configuration_sparse_llava import SparseLlavaConfig
 
 logger = logging.get_logger(__name__)
 
+# Weight left to a key its keep policy hides (training-time masked attention), as the reference's MaskedSoftmax eps.
+POLICY_EPS = 1e-6
+
 
 @dataclass
 class SparseLlavaOutput(ModelOutput):
@@ -41,6 +44,8 @@ class SparseLlavaOutput(ModelOutput):
         image_hidden_states: projected image features, one row per image token (all images concatenated).
         token_counts: per decoder layer, per row, the image and output-text tokens this forward kept versus saw
             (kept = run through the layer and, with a cache, stored in it); see `sparsity_report()`.
+        loss_terms: when `labels` are given, the parts `loss` is the sum of, by name, for logging: `lm_loss` and a
+            method's training regularisers (already weighted).
     """
 
     loss: torch.FloatTensor | None = None
@@ -48,6 +53,7 @@ class SparseLlavaOutput(ModelOutput):
     past_key_values: SparseCache | None = None
     image_hidden_states: torch.FloatTensor | None = None
     token_counts: list[dict[str, torch.Tensor]] | None = None
+    loss_terms: dict[str, torch.Tensor] | None = None
 
     def sparsity_report(self) -> list[dict[str, list[int]]]:
         """`token_counts` as plain lists: one dict per layer (`image_kept`, `image_seen`, `output_text_kept`, ...)."""
@@ -81,6 +87,12 @@ class TokenStream:
     # Methods that skip tokens in a layer (p-MoD) also leave them out of its computation.
     admit: torch.Tensor | None = None
     shortened: bool = False  # whether a method dropped tokens from the chunk
+    labels: torch.Tensor | None = None  # [batch, slots] the language-modelling labels, when given
+    # Training: [batch, slots] float keep policy of each slot as an attention key. Layers multiply it into their
+    # attention instead of dropping tokens (see `policy_attention_mask`), so its gradient reaches the decisions.
+    key_policy: torch.Tensor | None = None
+    # Training: a method's regularisation losses by name (already weighted); forward adds them to the LM loss.
+    auxiliary_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def has_images(self) -> bool:
@@ -125,6 +137,8 @@ class TokenStream:
             image_offset=self.image_offset.gather(1, order),
             is_output=self.is_output.gather(1, order),
             admit=None if self.admit is None else self.admit.gather(1, order),
+            labels=None if self.labels is None else self.labels.gather(1, order),
+            key_policy=None if self.key_policy is None else self.key_policy.gather(1, order),
             shortened=True,
         )
 
@@ -172,6 +186,9 @@ class SparseLlavaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # The loss may include per-batch regularisers, so it is a mean over the batch, not a sum to be divided by the
+    # Trainer's token count: the Trainer must average it over gradient-accumulation steps and processes itself.
+    accepts_loss_kwargs = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -313,21 +330,26 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             image_sizes,
             output_token_start,
         )
+        if labels is not None:
+            stream = replace(stream, labels=labels.to(stream.valid.device))
         stream, token_counts = self.run_decoder(stream, past_key_values, **kwargs)
         hidden_states = self.language_model.norm(stream.hidden_states)
         hidden_states = self.restore_input_positions(hidden_states, stream, inputs_embeds.shape[1])
 
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+        loss, loss_terms = None, None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            loss_terms = {"lm_loss": lm_loss, **stream.auxiliary_losses}
+            loss = sum(loss_terms.values())
         return SparseLlavaOutput(
             loss=loss,
             logits=logits,
             past_key_values=past_key_values,
             image_hidden_states=image_features,
             token_counts=token_counts,
+            loss_terms=loss_terms,
         )
 
     def embed_inputs(
@@ -431,10 +453,11 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """Run one of transformers' decoder layers on the stream; returns its output hidden states."""
         attention_mask = self.layer_attention_mask(layer_idx, stream, cache)
         # RoPE comes in `position_embeddings`. Positions have gaps after dropping, which flash-attention would
-        # mistake for packed sequences, so no `position_ids` reach the layer.
+        # mistake for packed sequences, so no `position_ids` reach the layer. The mask goes positionally: reentrant
+        # gradient checkpointing passes gradients only to positional inputs, and a training keep policy needs them.
         return decoder_layer(
             stream.hidden_states,
-            attention_mask=attention_mask,
+            attention_mask,
             past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=stream.position_embeddings,
@@ -449,6 +472,8 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         itself), as if the chunk had been fed one token at a time. With a cache, this also announces the chunk to the
         cache (which slots it will store).
         """
+        if stream.key_policy is not None:
+            return self.policy_attention_mask(stream, cache)
         if cache is None:
             slots_valid, past_slots = stream.valid, 0
         else:
@@ -479,6 +504,30 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             # Checking whether a mask can be skipped reads it on the host; only worth it for multi-token chunks.
             allow_is_causal_skip=chunk_length > 1,
         )
+
+    def policy_attention_mask(self, stream: TokenStream, cache: SparseCache | None) -> torch.Tensor:
+        """
+        The training-time mask of a stream with a float `key_policy` p (Dynamic-LLaVA's MaskedSoftmax): with
+        `G[q, k] = p[k]` off the diagonal and 1 on it, attention is `exp(s) * G / sum_k(exp(s) * G)` over the causal,
+        valid keys, so dropped keys are hidden from later tokens, every token still sees itself, and the gradient
+        reaches p. It is computed as the additive float mask `log(G + eps)`, which eager and SDPA attention take as is
+        (eps plays the role of the reference's, keeping the gradient finite where p = 0).
+        """
+        attn_implementation = self.config.get_text_config()._attn_implementation
+        if cache is not None or attn_implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                "a keep policy (training forward) needs attn_implementation 'eager' or 'sdpa' and no cache, got "
+                f"{attn_implementation!r}" + (" with a cache" if cache is not None else "")
+            )
+        policy = stream.key_policy[:, None, :]
+        length = policy.shape[-1]
+        diagonal = torch.eye(length, dtype=policy.dtype, device=policy.device)
+        gate = policy + (1 - policy) * diagonal
+        causal = torch.ones(length, length, dtype=torch.bool, device=policy.device).tril()
+        visible = causal & stream.valid[:, None, :]
+        dtype = stream.hidden_states.dtype
+        mask = torch.where(visible, torch.log(gate + POLICY_EPS), torch.finfo(dtype).min)
+        return mask.unsqueeze(1).to(dtype)
 
     @staticmethod
     def restore_input_positions(hidden_states: torch.Tensor, stream: TokenStream, seq_len: int) -> torch.Tensor:
