@@ -14,8 +14,9 @@ For each method it measures, on the LLaVA-1.5 shape,
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
   after a warm-up);
 * the KV-cache bytes after prefill and after N new tokens (`--new-tokens`), and decode tokens/s with the cache;
-* the peak resident memory above the loaded model during a prefill and the longest generation (CUDA: the allocator's
-  peak; CPU: the process's resident set, sampled every millisecond);
+* peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
+  of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
+  above what the process held once the model was built (`peak_memory_above_model`);
 
 and prefill FLOPs, prefill time, KV after prefill and peak memory on the LLaVA-NeXT shape (`next_*`). `--plot` draws
 KV-cache bytes and cumulative decode FLOPs against output tokens for every method (needs matplotlib:
@@ -40,7 +41,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -101,25 +101,25 @@ def base_config(shape: str = "llava-1.5"):
     return LlavaNextConfig(**common, image_grid_pinpoints=[[336, 672], [672, 336], [672, 672]])
 
 
-def image_tokens(model) -> int:
-    """Number of image tokens the dense model produces for the benchmark's image."""
-    if isinstance(model, LlavaForConditionalGeneration):
-        return 576
+def image_tokens(config) -> int:
+    """Number of image tokens LLaVA / LLaVA-NeXT produce for the benchmark's image."""
+    side = 336 // 14
+    if config.model_type == "llava":
+        return side * side
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-    config, side = model.config, 336 // 14
     rows, columns = get_anyres_image_grid_shape(NEXT_IMAGE_SIZE, config.image_grid_pinpoints, 336)
     height, width = unpad_image(torch.zeros(1, rows * side, columns * side), torch.tensor(NEXT_IMAGE_SIZE)).shape[1:]
     return side * side + height * (width + 1)
 
 
-def make_inputs(dense, device) -> dict:
+def make_inputs(config, device) -> dict:
     generator = torch.Generator().manual_seed(0)
     # A short LLaVA-1.5-style prompt: system text, the image, the question.
     before, after = torch.randint(100, 30000, (1, 12), generator=generator), torch.randint(100, 30000, (1, 12))
-    input_ids = torch.cat([before, torch.full((1, image_tokens(dense)), IMAGE_TOKEN_ID), after], dim=1)
+    input_ids = torch.cat([before, torch.full((1, image_tokens(config)), IMAGE_TOKEN_ID), after], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if isinstance(dense, LlavaForConditionalGeneration):
+    if config.model_type == "llava":
         inputs["pixel_values"] = torch.randn(1, 3, 336, 336, generator=generator)
     else:
         inputs["pixel_values"] = torch.randn(1, 5, 3, 336, 336, generator=generator)
@@ -139,26 +139,41 @@ def yopo_config(config, preset: str) -> YopoConfig:
     )
 
 
+def build_model(name: str, config):
+    """One of the benchmark's models (random weights) for a base config."""
+    if name == "dense":
+        dense_class = (
+            LlavaForConditionalGeneration if config.model_type == "llava" else LlavaNextForConditionalGeneration
+        )
+        return dense_class(config)
+    if name == "fastv":
+        # The training-free baseline the papers compare against (benchmarks/fastv.py): layer 2, 50% of image tokens.
+        return FastVLlava(SparseLlavaConfig.from_base_config(config))
+    if name == "dynamic-llava":
+        # The paper's predictors (width 512) sit on a 4096-wide LLM; scale them with the model (1024 / 8 = 128) so
+        # that their share of the cost is the paper's, not four times it.
+        return DynamicLlavaForConditionalGeneration(
+            DynamicLlavaConfig.from_base_config(
+                config, predictor_hidden_size=128, predictor_intermediate_size=512, predictor_num_heads=8
+            )
+        )
+    if name == "p-mod":
+        # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
+        return PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config))
+    if name == "yopo":
+        return YopoLlavaForConditionalGeneration(yopo_config(config, "12%"))
+    raise ValueError(f"unknown model {name!r}")
+
+
+METHODS = ("dense", "fastv", "dynamic-llava", "p-mod", "yopo")
+
+
 def build_models(shape, device) -> dict:
     """Dense LLaVA and each method, all with the dense model's weights (the methods' new modules freshly made)."""
     torch.manual_seed(0)
     config = base_config(shape)
-    dense_class = LlavaForConditionalGeneration if shape == "llava-1.5" else LlavaNextForConditionalGeneration
-    dense = dense_class(config).eval()
-    # The paper's predictors (width 512) sit on a 4096-wide LLM; scale them with the model (1024 / 8 = 128) so that
-    # their share of the cost is the paper's, not four times it.
-    dynamic_config = DynamicLlavaConfig.from_base_config(
-        config, predictor_hidden_size=128, predictor_intermediate_size=512, predictor_num_heads=8
-    )
-    models = {
-        "dense": dense,
-        # The training-free baseline the papers compare against (benchmarks/fastv.py): layer 2, 50% of image tokens.
-        "fastv": FastVLlava(SparseLlavaConfig.from_base_config(config)),
-        "dynamic-llava": DynamicLlavaForConditionalGeneration(dynamic_config),
-        # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
-        "p-mod": PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config)),
-        "yopo": YopoLlavaForConditionalGeneration(yopo_config(config, "12%")),
-    }
+    models = {name: build_model(name, config) for name in METHODS}
+    dense = models["dense"]
     for name, model in models.items():
         if model is not dense:
             missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
@@ -199,46 +214,40 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-class PeakMemory:
+def peak_memory(shape: str, name: str, tokens: int, device) -> dict:
     """
-    Peak memory above the level at entry, in bytes: the CUDA allocator's peak on a GPU; on CPU the process's resident
-    set (Linux `/proc/self/statm`), sampled every millisecond by a background thread.
+    Peak memory of one model in a fresh process (so that no other model's memory counts): built, one prefill, then a
+    generation of `tokens` tokens. On CPU the process's peak resident set (`ru_maxrss`), on CUDA the allocator's peak;
+    `peak_memory_above_model` leaves out what the process held once the model was built.
     """
+    import subprocess
 
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.peak = 0
+    command = [sys.executable, __file__, "--peak-memory-of", shape, name, str(tokens), "--device", str(device)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
-    @staticmethod
-    def resident() -> int:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start = self.highest = self.resident()
-        self.stop = threading.Event()
+def peak_memory_child(shape: str, name: str, tokens: int, device) -> None:
+    import resource
 
-        def sample():
-            while not self.stop.wait(0.001):
-                self.highest = max(self.highest, self.resident())
+    def peak_now():
+        if torch.device(device).type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
-        self.sampler = threading.Thread(target=sample, daemon=True)
-        self.sampler.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.stop.set()
-            self.sampler.join()
-            self.peak = max(self.highest, self.resident()) - self.start
+    torch.manual_seed(0)
+    model = build_model(name, base_config(shape)).eval().to(device)
+    model.generation_config.pad_token_id = 0
+    inputs = make_inputs(base_config(shape), device)
+    built = peak_now()
+    if hasattr(model, "output_text_score_predictor") and tokens > 1:
+        force_output_keep_rate(model, inputs, tokens=tokens)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+        if tokens:
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    peak = peak_now()
+    print(json.dumps({"peak_memory": peak, "peak_memory_above_model": peak - built}))
 
 
 def measure_prefill(model, inputs, repeats, device) -> dict:
@@ -256,10 +265,7 @@ def measure_prefill(model, inputs, repeats, device) -> dict:
             synchronize(device)
             times.append(time.perf_counter() - start)
         result["prefill_time"] = statistics.median(times[1:])
-        with PeakMemory(device) as peak:
-            cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
-        result["kv_bytes_prefill"] = kv_bytes(cache)
-        result["peak_memory_prefill"] = peak.peak
+        result["kv_bytes_prefill"] = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
     return result
 
 
@@ -268,17 +274,26 @@ def measure_decode(name, model, inputs, new_tokens, device) -> dict:
     for count in new_tokens:
         if hasattr(model, "output_text_score_predictor"):
             force_output_keep_rate(model, inputs, tokens=count)
-        synchronize(device)
-        with PeakMemory(device) as peak:
+        prefill_end = []
+
+        def mark_prefill_end(module, args, output, prefill_end=prefill_end):
+            if not prefill_end:
+                synchronize(device)
+                prefill_end.append(time.perf_counter())
+
+        handle = model.register_forward_hook(mark_prefill_end)
+        try:
             start = time.perf_counter()
             output = model.generate(
                 **inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, return_dict_in_generate=True
             )
             synchronize(device)
             elapsed = time.perf_counter() - start
+        finally:
+            handle.remove()
         result[f"kv_bytes_{count}"] = kv_bytes(output.past_key_values)
-        result[f"peak_memory_{count}"] = peak.peak
-        result[f"decode_time_{count}"] = elapsed
+        # Tokens after the first (which the prefill produces) over the time after the prefill.
+        result[f"decode_tps_{count}"] = (count - 1) / (start + elapsed - prefill_end[0])
         if hasattr(output.past_key_values, "sparsity_report"):
             last = output.past_key_values.sparsity_report()[-1]
             result[f"output_keep_rate_{count}"] = last["output_text_kept"][0] / max(last["output_text_seen"][0], 1)
@@ -335,21 +350,29 @@ def plot(traces: dict, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI-sized run: 256 new tokens, 2 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI-sized run: 256 new tokens, 1 timed repeat, peak memory over 32 tokens"
+    )
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--plot", default=None, help="draw KV bytes and decode FLOPs against output tokens here")
+    parser.add_argument("--peak-memory-of", nargs=3, metavar=("SHAPE", "MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peak_memory_of:  # the child process of `peak_memory`
+        shape, name, tokens = args.peak_memory_of
+        peak_memory_child(shape, name, int(tokens), args.device)
+        return
     new_tokens = args.new_tokens or ([256] if args.quick else [256, 1024, 4096])
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 5)
     longest = max(new_tokens)
+    peak_tokens = min(32, longest) if args.quick else longest
 
     absolute, traces = {}, {}
     for shape in ("llava-1.5", "llava-next"):
         models = build_models(shape, args.device)
-        inputs = make_inputs(models["dense"], args.device)
+        inputs = make_inputs(base_config(shape), args.device)
         prefix = "" if shape == "llava-1.5" else "next_"
         for name, model in models.items():
             print(f"measuring {name} ({shape})", file=sys.stderr, flush=True)
@@ -359,13 +382,14 @@ def main() -> None:
             )
             if shape == "llava-1.5":
                 values.update(measure_decode(name, model, inputs, new_tokens, args.device))
-                values["decode_tps"] = (longest - 1) / max(
-                    values[f"decode_time_{longest}"] - values["prefill_time"], 1e-9
-                )
-                values["peak_memory"] = max(values["peak_memory_prefill"], values[f"peak_memory_{longest}"])
+                values["decode_tps"] = values[f"decode_tps_{longest}"]
                 if args.plot:
                     traces[name] = decode_trace(model, inputs, longest)
         del models
+        for name in METHODS:
+            tokens = peak_tokens if shape == "llava-1.5" else 0
+            memory = peak_memory(shape, name, tokens, args.device)
+            absolute[name].update({prefix + key: value for key, value in memory.items()})
 
     dense = absolute["dense"]
     ratio_keys = [
@@ -375,10 +399,12 @@ def main() -> None:
         *[f"kv_bytes_{n}" for n in new_tokens],
         "decode_tps",
         "peak_memory",
+        "peak_memory_above_model",
         "next_prefill_flops",
         "next_prefill_time",
         "next_kv_bytes_prefill",
-        "next_peak_memory_prefill",
+        "next_peak_memory",
+        "next_peak_memory_above_model",
     ]
     ratios = {
         name: {
@@ -388,7 +414,10 @@ def main() -> None:
         for name, values in absolute.items()
     }
 
-    print(f"\nratios against dense LLaVA (dense = 1.00); decode_tps and peak_memory at {longest} new tokens")
+    print(
+        f"\nratios against dense LLaVA (dense = 1.00); decode_tps at {longest} new tokens, peak memory over a prefill and"
+        f" {peak_tokens} new tokens (LLaVA-NeXT shape: prefill only)"
+    )
     print(f"{'method':<16}" + "".join(f"{column:>24}" for column in ratio_keys))
     for name, values in ratios.items():
         print(f"{name:<16}" + "".join(f"{values[column]:>24.2f}" for column in ratio_keys))
