@@ -2,20 +2,23 @@
 
 They are written in the key layout of the llava-hf repos on the Hub (`language_model.model.*`,
 `language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`), which is what users download;
-`layout="flat"` keeps transformers 5.x's own `save_pretrained` layout (`vision_tower.embeddings.*`) instead.
+`layout="flat"` has transformers 5.x's own `save_pretrained` layout (`vision_tower.embeddings.*`) instead, whichever
+transformers line builds it.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
+
+from .convert_llava import set_clip_tower_layout
 
 IMAGE_SIZE = 8  # pixels; with patch 2 an image (or a NeXT tile) is 4 x 4 = 16 tokens
 PATCH_SIZE = 2
@@ -86,10 +89,9 @@ def build_tiny_llava(
     model.save_pretrained(path)
     if processor:
         build_tiny_processor(base).save_pretrained(path)
-    if layout == "hub":
-        _nest_clip_tower(path)
-    elif layout != "flat":
+    if layout not in ("hub", "flat"):
         raise ValueError(f"unknown layout {layout!r}")
+    set_clip_tower_layout(path, nested=layout == "hub")
     return model
 
 
@@ -140,18 +142,6 @@ def build_tiny_processor(base: str = "llava"):
         image_grid_pinpoints=tiny_base_config("llava_next").image_grid_pinpoints,
     )
     return LlavaNextProcessor(image_processor=image_processor, **common)
-
-
-def _nest_clip_tower(path: Path) -> None:
-    """Rewrite `vision_tower.<x>` keys as `vision_tower.vision_model.<x>`, the layout of the llava-hf Hub repos."""
-    weights_file = path / "model.safetensors"
-    tensors = load_file(weights_file)
-    renamed = {}
-    for key, tensor in tensors.items():
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
-        renamed[key] = tensor
-    save_file(renamed, weights_file, metadata={"format": "pt"})
 
 
 def tiny_inputs(
