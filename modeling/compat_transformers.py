@@ -53,6 +53,9 @@ def register_checkpoint_keys(model_class) -> None:
         )
     else:
         model_class._checkpoint_conversion_mapping = CHECKPOINT_KEY_MAPPING_V4
+        # As 4.57's LLaVA classes: with the prefix "model", 4.57 takes a checkpoint none of whose keys starts with
+        # it for a base-model checkpoint, and rejects the task-model keys in it (`language_model.lm_head`).
+        model_class.base_model_prefix = ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
