@@ -83,6 +83,7 @@ def build_tiny_llava(
     config = tiny_base_config(base, **config_kwargs)
     model_class = LlavaForConditionalGeneration if base == "llava" else LlavaNextForConditionalGeneration
     model = model_class(config).eval()
+    _fill_parameters(model, seed)
     # A random model may well predict the image placeholder; a real one never does, so forbid it.
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     path = Path(path)
@@ -93,6 +94,22 @@ def build_tiny_llava(
         raise ValueError(f"unknown layout {layout!r}")
     set_clip_tower_layout(path, nested=layout == "hub")
     return model
+
+
+def _fill_parameters(model, seed: int) -> None:
+    """
+    Draw every parameter from `seed`, in an order and with a scheme that do not depend on the transformers line
+    (4.57 and 5.x initialise differently, and name the CLIP tower's parameters differently), so that both build the
+    same tiny model and the tests see the same numbers on both. Matrices ~ N(0, 1 / fan_in), which keeps activations
+    of order one (distinct logits, well-separated scores); vectors ~ N(0, 0.02), plus one for norm weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    named = sorted(model.named_parameters(), key=lambda item: item[0].replace(".vision_model.", "."))
+    with torch.no_grad():
+        for name, parameter in named:
+            std = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.02
+            noise = torch.randn(parameter.shape, generator=generator) * std
+            parameter.copy_(noise + (1.0 if "norm" in name and name.endswith(".weight") else 0.0))
 
 
 WORDS = ["USER:", "ASSISTANT:", "What", "is", "in", "the", "image", "?", "a", "cat", "dog", "red", "blue"]
@@ -119,6 +136,7 @@ def build_tiny_processor(base: str = "llava"):
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # as LLaMA's tokenizer: no token_type_ids
     )
     common = dict(
         tokenizer=tokenizer,
