@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_PREDICTOR
 
+import sparse_llava
 from sparse_llava.compat_transformers import IS_TRANSFORMERS_V5, auto_model_classes
 from sparse_llava.tiny import read_weight_names, tiny_inputs
 
@@ -47,29 +49,36 @@ def test_every_weight_loads_through_the_auto_classes(method, base, layout, base_
             assert torch.equal(state[name], tensor), name
 
 
+# Run by the other line's Python: convert the same base there, and load both folders (that line's and ours).
 PROBE = """
-import json, sys, torch, transformers
-folder, inputs_file, result_file = sys.argv[1:]
+import json, sys, torch, transformers, sparse_llava
+base, method, settings, ours, theirs, inputs_file, result_file = sys.argv[1:]
+sparse_llava.convert(base, method, theirs, json.loads(settings), progress=False)
 auto_class = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
-model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
 inputs = torch.load(inputs_file)
-with torch.no_grad():
-    logits = model(**inputs).logits
-tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-torch.save({"logits": logits, "tokens": tokens, "version": transformers.__version__}, result_file)
+result = {"version": transformers.__version__}
+for name, folder in (("ours", ours), ("theirs", theirs)):
+    model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        result[name] = (model(**inputs).logits, model.generate(**inputs, max_new_tokens=8, do_sample=False))
+torch.save(result, result_file)
 """
 
 
 @pytest.mark.skipif(OTHER_PYTHON is None, reason="set SPARSE_LLAVA_OTHER_PYTHON to a Python with the other line")
 @pytest.mark.parametrize("method", ["dynamic-llava", "p-mod"])
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
-def test_same_logits_and_tokens_on_the_other_line(method, base, converted, converted_pmod, tmp_path):
-    output = convert_for(method, base, "hub", converted, converted_pmod)
+def test_same_logits_and_tokens_on_the_other_line(method, base, base_checkpoints, tmp_path):
+    """A folder converted on either line gives, loaded on either line, the same logits and generated tokens."""
+    settings = {**SMALL_PREDICTOR, "vision_keep_ratio": 0.5} if method == "dynamic-llava" else {}
+    base_folder = str(base_checkpoints[(base, "hub")][0])
+    ours = sparse_llava.convert(base_folder, method, tmp_path / "ours", settings, progress=False)
     inputs = tiny_inputs(base, left_padding=[2, 0])
     torch.save(inputs, tmp_path / "inputs.pt")
+    arguments = [base_folder, method, json.dumps(settings), str(ours), str(tmp_path / "theirs")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     probe = subprocess.run(
-        [OTHER_PYTHON, "-c", PROBE, str(output), str(tmp_path / "inputs.pt"), str(tmp_path / "other.pt")],
+        [OTHER_PYTHON, "-c", PROBE, *arguments, str(tmp_path / "inputs.pt"), str(tmp_path / "other.pt")],
         capture_output=True,
         text=True,
         env=env,
@@ -79,12 +88,16 @@ def test_same_logits_and_tokens_on_the_other_line(method, base, converted, conve
     other = torch.load(tmp_path / "other.pt")
     assert (int(other["version"].split(".")[0]) >= 5) != IS_TRANSFORMERS_V5, other["version"]
 
-    model = auto_model_classes()[0].from_pretrained(output, trust_remote_code=True).eval()
-    with torch.no_grad():
-        logits = model(**inputs).logits
     valid = inputs["attention_mask"].bool()
-    assert (logits - other["logits"])[valid].abs().max() <= 1e-5
-    assert model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() == other["tokens"].tolist()
+    expected_logits, expected_tokens = other["ours"]
+    for folder, (other_logits, other_tokens) in ((ours, other["ours"]), (tmp_path / "theirs", other["theirs"])):
+        model = auto_model_classes()[0].from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        for actual in (logits, other_logits):
+            assert (actual - expected_logits)[valid].abs().max() <= 1e-5, folder
+        assert tokens.tolist() == other_tokens.tolist() == expected_tokens.tolist(), folder
 
 
 def test_config_round_trips_with_derived_fields(converted_pmod):
