@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The torch requirement used when torch is not installed yet (e.g. `make test TORCH_SPEC=torch==2.13.0`).
 TORCH_SPEC ?= torch
+# The transformers requirement installed with the package: the latest release pyproject.toml allows by default,
+# e.g. `make test VENV=.venv-457 TRANSFORMERS_SPEC="transformers==4.57.*"` for the 4.57 line.
+TRANSFORMERS_SPEC ?= transformers
 PY := $(VENV)/bin/python
 
 .PHONY: install demo test lint bench clean
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TRANSFORMERS_SPEC)"
 	touch $@
 
 demo: install

@@ -1,5 +1,7 @@
 """Dynamic-LLaVA configuration (Huang et al., ICLR 2025, arXiv 2412.00876)."""
 
+# transformers 4.57 copies out of a local folder only the files the entry module imports itself, not their imports.
+from .compat_transformers import IS_TRANSFORMERS_V5  # noqa: F401
 from .configuration_sparse_llava import SparseLlavaConfig, check_int, check_ratio
 
 

@@ -3,6 +3,8 @@ ICCV 2025, arXiv 2412.04449)."""
 
 import math
 
+# transformers 4.57 copies out of a local folder only the files the entry module imports itself, not their imports.
+from .compat_transformers import IS_TRANSFORMERS_V5  # noqa: F401
 from .configuration_sparse_llava import SparseLlavaConfig, check_ratio
 
 ROUTED_TOKEN_CHOICES = ("vision_all", "vision_hr")

@@ -3,15 +3,16 @@
 A sparse-llava config is a LLaVA / LLaVA-NeXT config (vision tower, projector, language model, image token) plus
 `base_model_type`, which says which of the two layouts the checkpoint has. Each method subclasses it and adds its
 own knobs. `LlavaNextConfig` is the superset of the two base configs (it adds `image_grid_pinpoints`), so it is the
-parent; `image_grid_pinpoints` is simply unused for a LLaVA-1.5 base.
+parent (through `SparseLlavaConfigBase`, which gives it 5.x's dataclass behaviour on transformers 4.57);
+`image_grid_pinpoints` is simply unused for a LLaVA-1.5 base.
 """
 
-from transformers import LlavaNextConfig
+from .compat_transformers import SparseLlavaConfigBase
 
 SUPPORTED_BASE_MODEL_TYPES = ("llava", "llava_next")
 
 
-class SparseLlavaConfig(LlavaNextConfig):
+class SparseLlavaConfig(SparseLlavaConfigBase):
     r"""
     Base configuration of a LLaVA whose language model may drop tokens.
 

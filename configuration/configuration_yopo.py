@@ -1,6 +1,8 @@
 """YOPO configuration (Zhang et al., "Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer Efforts to See",
 arXiv 2410.06169): training-free pruning of the computation spent on vision tokens."""
 
+# transformers 4.57 copies out of a local folder only the files the entry module imports itself, not their imports.
+from .compat_transformers import IS_TRANSFORMERS_V5  # noqa: F401
 from .configuration_sparse_llava import SparseLlavaConfig, check_int, check_ratio
 
 ATTENTION_SEMANTICS = ("renormalize", "reference")

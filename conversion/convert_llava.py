@@ -11,7 +11,6 @@ and renamed into it only when complete, so a failure leaves nothing half-written
 """
 
 import argparse
-import dataclasses
 import json
 import re
 import shutil
@@ -25,6 +24,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparse_llava  # noqa: E402
+from sparse_llava.compat_transformers import config_fields  # noqa: E402
 from sparse_llava.configuration_yopo import PRESETS, preset_settings  # noqa: E402
 from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
 
@@ -81,6 +81,8 @@ PROCESSOR_FILES = [
     "chat_template.jinja",
 ]
 
+_CLIP_TOWER, _NESTED_CLIP_TOWER = "vision_tower.", "vision_tower.vision_model."
+
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
 
 
@@ -99,6 +101,36 @@ def hub_code_files(modeling_module: str) -> list[Path]:
         found[name] = path
         pending.extend(_RELATIVE_IMPORT.findall(path.read_text()))
     return sorted(found.values())
+
+
+def set_clip_tower_layout(folder: Path, nested: bool = True) -> None:
+    """
+    Name the CLIP tower's weights of the checkpoint in `folder` `vision_tower.vision_model.*` (`nested`: the layout
+    of the llava-hf Hub repos, which transformers 4.57 and 5.x both load) or `vision_tower.*` (how transformers 5.x
+    saves them; 4.57 loads that only through sparse-llava's own key mapping, a stock LLaVA keeps a random tower).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def rename(key: str) -> str:
+        if nested and key.startswith(_CLIP_TOWER) and not key.startswith(_NESTED_CLIP_TOWER):
+            return _NESTED_CLIP_TOWER + key[len(_CLIP_TOWER) :]
+        if not nested and key.startswith(_NESTED_CLIP_TOWER):
+            return _CLIP_TOWER + key[len(_NESTED_CLIP_TOWER) :]
+        return key
+
+    folder = Path(folder)
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    for name in sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]:
+        with safe_open(folder / name, framework="pt") as weights:
+            metadata, keys = weights.metadata(), list(weights.keys())
+        if any(rename(key) != key for key in keys):
+            tensors = load_file(folder / name)
+            save_file({rename(key): tensor for key, tensor in tensors.items()}, folder / name, metadata=metadata)
+    if index:
+        index["weight_map"] = {rename(key): file for key, file in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -160,7 +192,7 @@ def convert(
         raise ConversionError("--preset and --head-mask are YOPO settings; use them with --method yopo")
     if head_mask is not None:
         overrides = {"vision_head_mask": _read_head_mask(head_mask), **overrides}
-    known_fields = {field.name for field in dataclasses.fields(spec.config_class)}
+    known_fields = set(config_fields(spec.config_class))
     unknown = sorted(set(overrides) - known_fields)
     if unknown:
         raise ConversionError(f"unknown setting(s) for {method}: {', '.join(unknown)}")
@@ -225,6 +257,7 @@ def convert(
             "AutoModelForVision2Seq": f"{spec.modeling_module}.{spec.model_class.__name__}",
         }
         model.save_pretrained(staging, max_shard_size="5GB")
+        set_clip_tower_layout(staging, nested=True)
         for code_file in hub_code_files(spec.modeling_module):
             shutil.copy2(code_file, staging / code_file.name)
         if processor is not None:
@@ -382,8 +415,8 @@ def _base_license(base: str) -> str:
 
 
 def _method_fields(config_class) -> list[str]:
-    base_fields = {field.name for field in dataclasses.fields(sparse_llava.SparseLlavaConfig)}
-    return [field.name for field in dataclasses.fields(config_class) if field.name not in base_fields]
+    base_fields = set(config_fields(sparse_llava.SparseLlavaConfig))
+    return [name for name in config_fields(config_class) if name not in base_fields]
 
 
 def _replace_folder(staging: Path, output: Path) -> None:

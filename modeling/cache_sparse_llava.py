@@ -90,7 +90,8 @@ class SparseCacheLayer(DynamicLayer):
         return 0 if self.valid is None else self.valid.shape[-1]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+        # Not `super()`: transformers 4.57's takes only `key_states`.
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
         batch_size, _, _, head_dim = key_states.shape
         self.keys = key_states.new_zeros((batch_size, key_states.shape[1], self.capacity, head_dim))
         self.values = value_states.new_zeros((batch_size, value_states.shape[1], self.capacity, head_dim))

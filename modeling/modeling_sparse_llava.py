@@ -18,12 +18,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 from transformers import GenerationMixin, LlavaModel, LlavaNextModel, PreTrainedModel
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
+from .compat_transformers import (
+    create_layer_causal_mask,
+    generation_step_inputs,
+    per_image_features,
+    register_checkpoint_keys,
+)
 from .configuration_sparse_llava import SparseLlavaConfig
 
 logger = logging.get_logger(__name__)
@@ -194,9 +198,7 @@ class SparseLlavaPreTrainedModel(PreTrainedModel):
         super().__init_subclass__(**kwargs)
         # Checkpoints of llava-hf repos (and ours, which keep that layout) name weights `language_model.model.*`,
         # `vision_tower.*`, ...; transformers renames them on load only for classes it knows, so teach it ours.
-        register_checkpoint_conversion_mapping(
-            cls.__name__, get_checkpoint_conversion_mapping("llava_next"), overwrite=True
-        )
+        register_checkpoint_keys(cls)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -254,6 +256,9 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             if prompt is not None:
                 kwargs["output_token_start"] = prompt.shape[1]
         return super().generate(inputs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() would create a DynamicCache, which cannot hold ragged layers; create ours instead.
@@ -364,21 +369,21 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             return inputs_embeds, (no_image, no_image), (), None
 
         image_kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
-        per_image = self.model.get_image_features(
+        per_image = per_image_features(
+            self.model,
             pixel_values=pixel_values,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
-            return_dict=True,
             **image_kwargs,
-        ).pooler_output
-        image_lengths = tuple(feature.shape[0] for feature in per_image)
-        image_features = torch.cat(list(per_image), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        special_image_mask = self.model.get_placeholder_mask(
-            input_ids, inputs_embeds=inputs_embeds, image_features=image_features
         )
-        inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
+        image_lengths = tuple(feature.shape[0] for feature in per_image)
+        features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        special_image_mask = self.model.get_placeholder_mask(
+            input_ids, inputs_embeds=inputs_embeds, image_features=features
+        )
+        inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, features)
         image_location = locate_image_tokens(special_image_mask[..., 0], list(image_lengths))
-        return inputs_embeds, image_location, image_lengths, image_features
+        return inputs_embeds, image_location, image_lengths, features
 
     def make_stream(
         self,
@@ -494,15 +499,15 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             def admission_mask(batch_idx, head_idx, q_idx, kv_idx):
                 return admitted[batch_idx, kv_idx] | (kv_idx == q_idx)
 
-        return create_causal_mask(
-            config=self.config.get_text_config(),
-            inputs_embeds=stream.hidden_states,
-            attention_mask=slots_valid,
-            past_key_values=cache,
-            layer_idx=layer_idx,
-            and_mask_function=admission_mask,
+        return create_layer_causal_mask(
+            self.config.get_text_config(),
+            stream.hidden_states,
+            slots_valid,
+            cache,
+            layer_idx,
+            admission_mask,
             # Checking whether a mask can be skipped reads it on the host; only worth it for multi-token chunks.
-            allow_is_causal_skip=chunk_length > 1,
+            skip_allowed=chunk_length > 1,
         )
 
     def policy_attention_mask(self, stream: TokenStream, cache: SparseCache | None) -> torch.Tensor:

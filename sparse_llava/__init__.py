@@ -22,6 +22,7 @@ __path__.extend(  # noqa: F821  (`__path__` is defined for packages)
 )
 
 from .cache_sparse_llava import SparseCache, SparseCacheLayer  # noqa: E402
+from .compat_transformers import auto_model_classes  # noqa: E402
 from .configuration_dynamic_llava import DynamicLlavaConfig  # noqa: E402
 from .configuration_pmod import PMoDConfig  # noqa: E402
 from .configuration_sparse_llava import SparseLlavaConfig  # noqa: E402
@@ -33,11 +34,12 @@ from .modeling_yopo import YopoLlavaForConditionalGeneration  # noqa: E402
 
 def register_auto_classes() -> None:
     """
-    Register the package's classes with `AutoConfig` / `AutoModelForImageTextToText`, so converted folders load
-    without `trust_remote_code` and use this installed code instead of the folder's copy. Not done on import: by
-    default a converted folder runs the code it carries, exactly as it does from the Hub.
+    Register the package's classes with `AutoConfig` and `AutoModelForImageTextToText` (on transformers 4.57 also
+    `AutoModelForVision2Seq`), so converted folders load without `trust_remote_code` and use this installed code
+    instead of the folder's copy. Not done on import: by default a converted folder runs the code it carries, exactly
+    as it does from the Hub.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     for config_class, model_class in (
         (DynamicLlavaConfig, DynamicLlavaForConditionalGeneration),
@@ -45,7 +47,8 @@ def register_auto_classes() -> None:
         (YopoConfig, YopoLlavaForConditionalGeneration),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+        for auto_class in auto_model_classes():
+            auto_class.register(config_class, model_class, exist_ok=True)
 
 
 def convert(*args, **kwargs):

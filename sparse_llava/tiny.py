@@ -2,20 +2,23 @@
 
 They are written in the key layout of the llava-hf repos on the Hub (`language_model.model.*`,
 `language_model.lm_head.*`, `multi_modal_projector.*`, `vision_tower.vision_model.*`), which is what users download;
-`layout="flat"` keeps transformers 5.x's own `save_pretrained` layout (`vision_tower.embeddings.*`) instead.
+`layout="flat"` has transformers 5.x's own `save_pretrained` layout (`vision_tower.embeddings.*`) instead, whichever
+transformers line builds it.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
 )
+
+from .convert_llava import set_clip_tower_layout
 
 IMAGE_SIZE = 8  # pixels; with patch 2 an image (or a NeXT tile) is 4 x 4 = 16 tokens
 PATCH_SIZE = 2
@@ -80,17 +83,33 @@ def build_tiny_llava(
     config = tiny_base_config(base, **config_kwargs)
     model_class = LlavaForConditionalGeneration if base == "llava" else LlavaNextForConditionalGeneration
     model = model_class(config).eval()
+    _fill_parameters(model, seed)
     # A random model may well predict the image placeholder; a real one never does, so forbid it.
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     path = Path(path)
     model.save_pretrained(path)
     if processor:
         build_tiny_processor(base).save_pretrained(path)
-    if layout == "hub":
-        _nest_clip_tower(path)
-    elif layout != "flat":
+    if layout not in ("hub", "flat"):
         raise ValueError(f"unknown layout {layout!r}")
+    set_clip_tower_layout(path, nested=layout == "hub")
     return model
+
+
+def _fill_parameters(model, seed: int) -> None:
+    """
+    Draw every parameter from `seed`, in an order and with a scheme that do not depend on the transformers line
+    (4.57 and 5.x initialise differently, and name the CLIP tower's parameters differently), so that both build the
+    same tiny model and the tests see the same numbers on both. Matrices ~ N(0, 1 / fan_in), which keeps activations
+    of order one (distinct logits, well-separated scores); vectors ~ N(0, 0.02), plus one for norm weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    named = sorted(model.named_parameters(), key=lambda item: item[0].replace(".vision_model.", "."))
+    with torch.no_grad():
+        for name, parameter in named:
+            std = parameter[0].numel() ** -0.5 if parameter.dim() > 1 else 0.02
+            noise = torch.randn(parameter.shape, generator=generator) * std
+            parameter.copy_(noise + (1.0 if "norm" in name and name.endswith(".weight") else 0.0))
 
 
 WORDS = ["USER:", "ASSISTANT:", "What", "is", "in", "the", "image", "?", "a", "cat", "dog", "red", "blue"]
@@ -117,6 +136,7 @@ def build_tiny_processor(base: str = "llava"):
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # as LLaMA's tokenizer: no token_type_ids
     )
     common = dict(
         tokenizer=tokenizer,
@@ -140,18 +160,6 @@ def build_tiny_processor(base: str = "llava"):
         image_grid_pinpoints=tiny_base_config("llava_next").image_grid_pinpoints,
     )
     return LlavaNextProcessor(image_processor=image_processor, **common)
-
-
-def _nest_clip_tower(path: Path) -> None:
-    """Rewrite `vision_tower.<x>` keys as `vision_tower.vision_model.<x>`, the layout of the llava-hf Hub repos."""
-    weights_file = path / "model.safetensors"
-    tensors = load_file(weights_file)
-    renamed = {}
-    for key, tensor in tensors.items():
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
-        renamed[key] = tensor
-    save_file(renamed, weights_file, metadata={"format": "pt"})
 
 
 def tiny_inputs(

@@ -39,6 +39,7 @@ def test_output_folder_is_hub_ready(converted):
     code_files = hub_code_files("modeling_dynamic_llava")
     assert {path.name for path in code_files} == {
         "cache_sparse_llava.py",
+        "compat_transformers.py",
         "configuration_dynamic_llava.py",
         "configuration_sparse_llava.py",
         "modeling_dynamic_llava.py",

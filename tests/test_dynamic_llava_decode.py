@@ -6,6 +6,7 @@ from conftest import load_dynamic
 from test_dynamic_llava_prefill import inputs_for, row_alone, spread_predictor_scores
 
 from sparse_llava.cache_sparse_llava import SparseCache, write_token
+from sparse_llava.compat_transformers import IS_TRANSFORMERS_V5
 
 NEW_TOKENS = 12
 
@@ -147,7 +148,8 @@ def test_modes_that_roll_back_the_cache_fail_clearly(converted):
     model = text_sparse_model(converted, "llava")
     with torch.no_grad():
         cache = model(**inputs_for("llava"), use_cache=True).past_key_values
-    assert not cache.is_croppable
+    if IS_TRANSFORMERS_V5:  # 5.x's generate reads it before rolling back a cache (4.57 has no such flag)
+        assert not cache.is_croppable
     cache.crop(0)  # nothing to remove: fine
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)

@@ -8,6 +8,7 @@ import torch
 from conftest import DENSE_EQUIVALENT, load_dynamic
 from transformers import DynamicCache
 
+from sparse_llava.compat_transformers import per_image_features
 from sparse_llava.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_inputs
 
 NEXT_SIZES = [[2 * IMAGE_SIZE, 2 * IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]]  # rows get different token counts
@@ -94,11 +95,11 @@ def dropped_image_reference(base_model, model, inputs, keep_ratio):
     the predictor drops (chosen here with `torch.topk` on the predictor's own scores), original positions.
     """
     with torch.no_grad():
-        features = base_model.model.get_image_features(
+        features = per_image_features(
+            base_model.model,
             pixel_values=inputs["pixel_values"],
-            return_dict=True,
             **({"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}),
-        ).pooler_output
+        )
         is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
         kept = torch.zeros_like(is_image)
         positions = [row.nonzero().flatten() for row in is_image]

@@ -1,0 +1,181 @@
+"""What differs between the two transformers lines sparse-llava runs on: 4.57.x and 5.x.
+
+The other files are written against 5.x; the few places where 4.57 works differently go through this module:
+
+* weight names: both lines rename llava-hf checkpoint keys (`language_model.model.*`, `vision_tower.*`, ...) on load,
+  5.x through its conversion-mapping registry, 4.57 through the class attribute `_checkpoint_conversion_mapping`;
+* configs: 5.x configs are dataclasses (annotated class attributes are fields, `__post_init__` validates), 4.57
+  configs are plain classes, so ours get that behaviour from `SparseLlavaConfigBase`;
+* image features: 5.x returns an output object, 4.57 the list of per-image features;
+* masks: 4.57's `create_causal_mask` sizes the mask from layer 0 and places queries by `cache_position`;
+* generation: 4.57's `generate` passes `cache_position` and the images on every step.
+"""
+
+import dataclasses
+import inspect
+
+import torch
+import transformers
+from transformers import LlavaNextConfig
+from transformers.masking_utils import create_causal_mask
+
+IS_TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+if IS_TRANSFORMERS_V5:
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+else:
+    from transformers import PretrainedConfig
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+
+# 4.57's renames, tried in order, first match wins (`LlavaNextForConditionalGeneration`'s, plus the flat tower).
+# 4.57's `save_pretrained` inverts the dict; of the two tower entries (same target) the later one wins there, so
+# models save the tower in the Hub layout (`vision_tower.vision_model.*`) that both lines load.
+CHECKPOINT_KEY_MAPPING_V4 = {
+    "^language_model.model": "model.language_model",
+    "^language_model.lm_head": "lm_head",
+    # transformers 5.x saves the CLIP tower flattened (`vision_tower.embeddings.*`); 4.57's tower nests it.
+    r"^vision_tower(?!\.vision_model)": "model.vision_tower.vision_model",
+    "^vision_tower.vision_model": "model.vision_tower.vision_model",
+    "^multi_modal_projector": "model.multi_modal_projector",
+    "^image_newline": "model.image_newline",
+}
+
+
+def register_checkpoint_keys(model_class) -> None:
+    """Make `from_pretrained` of `model_class` rename llava-hf checkpoint keys to the model's parameter names."""
+    if IS_TRANSFORMERS_V5:
+        # 5.x renames on load only for classes it knows (by class name); ours are custom code.
+        register_checkpoint_conversion_mapping(
+            model_class.__name__, get_checkpoint_conversion_mapping("llava_next"), overwrite=True
+        )
+    else:
+        model_class._checkpoint_conversion_mapping = CHECKPOINT_KEY_MAPPING_V4
+        # As 4.57's LLaVA classes: with the prefix "model", 4.57 takes a checkpoint none of whose keys starts with
+        # it for a base-model checkpoint, and rejects the task-model keys in it (`language_model.lm_head`).
+        model_class.base_model_prefix = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------------
+
+if IS_TRANSFORMERS_V5:
+    SparseLlavaConfigBase = LlavaNextConfig
+else:
+
+    class SparseLlavaConfigBase(LlavaNextConfig):
+        """
+        `LlavaNextConfig` with 5.x's dataclass behaviour for subclasses: each annotated class attribute is a field
+        (taken from the keyword arguments, else the class default), and `__post_init__` runs after `__init__`.
+        """
+
+        def __init__(self, **kwargs):
+            fields = {name: kwargs.pop(name, getattr(type(self), name)) for name in declared_fields(type(self))}
+            super().__init__(**kwargs)
+            for name, value in fields.items():
+                setattr(self, name, value)
+            self.__post_init__()
+
+        def __post_init__(self, **kwargs):
+            pass
+
+
+def declared_fields(config_class) -> list[str]:
+    """The fields sparse-llava's config classes declare on top of `LlavaNextConfig`, base classes first."""
+    own_classes = config_class.__mro__[: config_class.__mro__.index(SparseLlavaConfigBase)]
+    return [name for klass in reversed(own_classes) for name in klass.__dict__.get("__annotations__", {})]
+
+
+def config_fields(config_class) -> list[str]:
+    """Every field a config class takes (its own and `LlavaNextConfig`'s), in declaration order."""
+    if IS_TRANSFORMERS_V5:
+        return [field.name for field in dataclasses.fields(config_class)]
+    base_fields = [
+        name
+        for klass in (PretrainedConfig, LlavaNextConfig)
+        for name in inspect.signature(klass.__init__).parameters
+        if name not in ("self", "kwargs")
+    ]
+    return list(dict.fromkeys(base_fields + declared_fields(config_class)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modeling
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def per_image_features(llava_model, **kwargs) -> tuple[torch.Tensor, ...]:
+    """`LlavaModel` / `LlavaNextModel.get_image_features(**kwargs)` as one `[tokens, hidden]` tensor per image."""
+    if IS_TRANSFORMERS_V5:
+        return tuple(llava_model.get_image_features(**kwargs, return_dict=True).pooler_output)
+    return tuple(llava_model.get_image_features(**kwargs))
+
+
+def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer_idx, and_mask_function, skip_allowed):
+    """
+    transformers' causal mask for decoder layer `layer_idx` of a cache whose layers differ in length, in the layer's
+    physical index space: queries start at `cache.get_query_offset(layer_idx)`, keys are sized by the layer's
+    `get_mask_sizes`. `skip_allowed`: whether the mask may be replaced by `is_causal` when it allows that (checking
+    reads the mask on the host).
+    """
+    if IS_TRANSFORMERS_V5:
+        return create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            layer_idx=layer_idx,
+            and_mask_function=and_mask_function,
+            allow_is_causal_skip=skip_allowed,
+        )
+    # 4.57's `create_causal_mask` asks the cache for layer 0's sizes only and always allows the skip, so call the
+    # mask function of the attention backend, as it does, with this layer's sizes.
+    if config._attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return None  # a backend without masks (as `create_causal_mask` does)
+    query_length = inputs_embeds.shape[1]
+    query_offset = 0 if cache is None else cache.get_query_offset(layer_idx)
+    kv_length, kv_offset = (query_length, 0) if cache is None else cache.layers[layer_idx].get_mask_sizes(query_length)
+    mask_function = causal_mask_function
+    if and_mask_function is not None:
+        mask_function = and_masks(causal_mask_function, and_mask_function)
+    return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+        batch_size=inputs_embeds.shape[0],
+        cache_position=torch.arange(query_offset, query_offset + query_length, device=inputs_embeds.device),
+        kv_length=kv_length,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask.to(device=inputs_embeds.device, dtype=torch.bool),
+        allow_is_causal_skip=skip_allowed and and_mask_function is None,
+        dtype=inputs_embeds.dtype,
+        config=config,
+    )
+
+
+# Inputs only the prefill needs (as 5.x's `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL`).
+IMAGE_INPUTS = ("pixel_values", "image_sizes")
+
+
+def generation_step_inputs(model_inputs: dict) -> dict:
+    """
+    Adapt what `GenerationMixin.prepare_inputs_for_generation` returns: on 4.57 it passes `cache_position` (logical
+    positions; our layers work in their own physical slots) and the images on every step, even single-token decode
+    steps that have no image tokens.
+    """
+    if IS_TRANSFORMERS_V5:
+        return model_inputs
+    cache_position = model_inputs.pop("cache_position", None)
+    if cache_position is not None and cache_position.shape[0] == 1:
+        for name in IMAGE_INPUTS:
+            model_inputs.pop(name, None)
+    return model_inputs
+
+
+def auto_model_classes() -> list:
+    """The Auto classes a converted folder's `auto_map` serves on this transformers line."""
+    classes = [transformers.AutoModelForImageTextToText]
+    if not IS_TRANSFORMERS_V5:
+        classes.append(transformers.AutoModelForVision2Seq)
+    return classes
