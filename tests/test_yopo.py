@@ -415,9 +415,10 @@ def test_pruning_applies_in_training(base_checkpoints):
     base_model = base_checkpoints[("llava", "hub")][1]
     model = yopo_from(base_model, **ALL_KNOBS).train()
     inputs = inputs_for("llava")
-    # As in LLaVA training, no label is predicted from an image position (those leave the sequence at the cutoff).
-    after_image = torch.nn.functional.pad(inputs["input_ids"][:, :-1] == IMAGE_TOKEN_ID, (1, 0))
-    labels = torch.where(text_positions(inputs) & ~after_image, inputs["input_ids"], -100)
+    # As in LLaVA training, labels are predicted from text positions only (image positions leave the sequence at the
+    # cutoff; padding predicts nothing).
+    after_text = torch.nn.functional.pad(text_positions(inputs)[:, :-1], (1, 0))
+    labels = torch.where(text_positions(inputs) & after_text, inputs["input_ids"], -100)
     loss = model(**inputs, labels=labels).loss
     expected_logits = masked_yopo(base_model, inputs, ALL_KNOBS, "renormalize")
     expected = torch.nn.functional.cross_entropy(
