@@ -35,24 +35,28 @@ def base_checkpoints(tmp_path_factory):
     return checkpoints
 
 
-@pytest.fixture(scope="session")
-def converted(base_checkpoints, tmp_path_factory):
-    """Convert on demand: `converted(base, layout="hub", **overrides)` -> output folder (memoised)."""
-    root = tmp_path_factory.mktemp("converted")
+def memoised_conversions(base_checkpoints, root: Path, method: str, defaults: dict | None = None):
+    """`make(base, layout="hub", **overrides)` -> a conversion of the tiny base to `method` (made once per setting)."""
     made = {}
 
     def make(base="llava", layout="hub", **overrides):
-        settings = {**SMALL_PREDICTOR, **overrides}
-        key = (base, layout, tuple(sorted(settings.items())))
+        settings = {**(defaults or {}), **overrides}
+        key = (base, layout, repr(sorted(settings.items())))
         if key not in made:
             output = root / f"out{len(made)}"
-            sparse_llava.convert(
-                str(base_checkpoints[(base, layout)][0]), "dynamic-llava", output, settings, progress=False
-            )
+            sparse_llava.convert(str(base_checkpoints[(base, layout)][0]), method, output, settings, progress=False)
             made[key] = output
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def converted(base_checkpoints, tmp_path_factory):
+    """Convert to Dynamic-LLaVA on demand: `converted(base, layout="hub", **overrides)` -> output folder."""
+    return memoised_conversions(
+        base_checkpoints, tmp_path_factory.mktemp("converted"), "dynamic-llava", SMALL_PREDICTOR
+    )
 
 
 def load_dynamic(folder, **config_overrides):
@@ -64,18 +68,13 @@ def load_dynamic(folder, **config_overrides):
 @pytest.fixture(scope="session")
 def converted_pmod(base_checkpoints, tmp_path_factory):
     """`converted_pmod(base, **overrides)` -> a p-MoD conversion of the tiny base (memoised)."""
-    root = tmp_path_factory.mktemp("converted_pmod")
-    made = {}
+    return memoised_conversions(base_checkpoints, tmp_path_factory.mktemp("converted_pmod"), "p-mod")
 
-    def make(base="llava", layout="hub", **overrides):
-        key = (base, layout, repr(sorted(overrides.items())))
-        if key not in made:
-            output = root / f"out{len(made)}"
-            sparse_llava.convert(str(base_checkpoints[(base, layout)][0]), "p-mod", output, overrides, progress=False)
-            made[key] = output
-        return made[key]
 
-    return make
+@pytest.fixture(scope="session")
+def converted_yopo(base_checkpoints, tmp_path_factory):
+    """`converted_yopo(base, **overrides)` -> a YOPO conversion of the tiny base (memoised)."""
+    return memoised_conversions(base_checkpoints, tmp_path_factory.mktemp("converted_yopo"), "yopo")
 
 
 def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path) -> Path:

@@ -22,20 +22,40 @@ from sparse_llava.tiny import read_weight_names, tiny_inputs
 OTHER_PYTHON = os.environ.get("SPARSE_LLAVA_OTHER_PYTHON")
 
 
-def convert_for(method, base, layout, converted, converted_pmod):
+METHODS = ["dynamic-llava", "p-mod", "yopo"]
+YOPO_SETTINGS = {
+    "neighbor_window": 3,
+    "vision_layer_cutoff": 2,
+    "vision_head_mask": [[True] * 4, [True, True, False, False], [False, False, True, True], [False] * 4],
+}
+
+
+def settings_for(method) -> dict:
+    return {
+        "dynamic-llava": {**SMALL_PREDICTOR, "vision_keep_ratio": 0.5},
+        "p-mod": {},
+        "yopo": YOPO_SETTINGS,
+    }[method]
+
+
+def convert_for(method, base, layout, converted, converted_pmod, converted_yopo=None):
     if method == "dynamic-llava":
         return converted(base, layout=layout, vision_keep_ratio=0.5)
+    if method == "yopo":
+        return converted_yopo(base, layout=layout, **YOPO_SETTINGS)
     return converted_pmod(base, layout=layout)
 
 
 # 4.57 deprecates AutoModelForVision2Seq (gone in 5.x), yet it is the class 4.57 users load such models with.
 @pytest.mark.filterwarnings("ignore:The class `AutoModelForVision2Seq` is deprecated:FutureWarning")
-@pytest.mark.parametrize("method", ["dynamic-llava", "p-mod"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
 @pytest.mark.parametrize("layout", ["hub", "flat"])
-def test_every_weight_loads_through_the_auto_classes(method, base, layout, base_checkpoints, converted, converted_pmod):
+def test_every_weight_loads_through_the_auto_classes(
+    method, base, layout, base_checkpoints, converted, converted_pmod, converted_yopo
+):
     """From a base in either tower layout, the folder loads with no key missing or unexpected, and base weights equal."""
-    output = convert_for(method, base, layout, converted, converted_pmod)
+    output = convert_for(method, base, layout, converted, converted_pmod, converted_yopo)
     base_model = base_checkpoints[(base, layout)][1]
     # The layout both lines load: the llava-hf Hub repos' nested CLIP tower.
     tower = [name for name in read_weight_names(output) if name.startswith("vision_tower.")]
@@ -68,11 +88,11 @@ torch.save(result, result_file)
 
 
 @pytest.mark.skipif(OTHER_PYTHON is None, reason="set SPARSE_LLAVA_OTHER_PYTHON to a Python with the other line")
-@pytest.mark.parametrize("method", ["dynamic-llava", "p-mod"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
 def test_same_logits_and_tokens_on_the_other_line(method, base, base_checkpoints, tmp_path):
     """A folder converted on either line gives, loaded on either line, the same logits and generated tokens."""
-    settings = {**SMALL_PREDICTOR, "vision_keep_ratio": 0.5} if method == "dynamic-llava" else {}
+    settings = settings_for(method)
     base_folder = str(base_checkpoints[(base, "hub")][0])
     ours = sparse_llava.convert(base_folder, method, tmp_path / "ours", settings, progress=False)
     inputs = tiny_inputs(base, left_padding=[2, 0])
