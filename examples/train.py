@@ -22,6 +22,7 @@ import argparse
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
+from sparse_llava.compat_transformers import training_schedule_arguments
 from sparse_llava.training import (
     LlavaConversationCollator,
     LlavaConversationDataset,
@@ -74,9 +75,8 @@ def main(argv=None) -> None:
         learning_rate=args.learning_rate,
         weight_decay=0.0,
         lr_scheduler_type="cosine",
-        warmup_steps=0.03,  # a fraction of the run
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
+        **training_schedule_arguments(warmup_fraction=0.03, checkpointing=args.gradient_checkpointing),
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,

@@ -8,7 +8,9 @@ The other files are written against 5.x; the few places where 4.57 works differe
   configs are plain classes, so ours get that behaviour from `SparseLlavaConfigBase`;
 * image features: 5.x returns an output object, 4.57 the list of per-image features;
 * masks: 4.57's `create_causal_mask` sizes the mask from layer 0 and places queries by `cache_position`;
-* generation: 4.57's `generate` passes `cache_position` and the images on every step.
+* generation: 4.57's `generate` passes `cache_position` and the images on every step;
+* training arguments: 5.x takes the warm-up fraction as `warmup_steps` (4.57: `warmup_ratio`) and renamed
+  `gradient_checkpointing` to `activation_checkpointing`.
 """
 
 import dataclasses
@@ -179,3 +181,10 @@ def auto_model_classes() -> list:
     if not IS_TRANSFORMERS_V5:
         classes.append(transformers.AutoModelForVision2Seq)
     return classes
+
+
+def training_schedule_arguments(warmup_fraction: float, checkpointing: bool) -> dict:
+    """`TrainingArguments` keywords for a warm-up over a fraction of the run and activation checkpointing."""
+    if IS_TRANSFORMERS_V5:
+        return {"warmup_steps": warmup_fraction, "activation_checkpointing": checkpointing}
+    return {"warmup_ratio": warmup_fraction, "gradient_checkpointing": checkpointing}

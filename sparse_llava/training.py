@@ -152,7 +152,8 @@ class SparseLlavaTrainer(Trainer):
                 decay_parameter_names=self.get_decay_parameter_names(opt_model),
             )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return super().create_optimizer(model)
+        # transformers 4.57's Trainer.create_optimizer takes no model argument (5.x passes one, or None).
+        return super().create_optimizer() if model is None else super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -82,6 +82,11 @@ def main() -> None:
             torch.save(model.state_dict(), output / f"model{index}-rank{rank}.pt")
         info = {"world_size": trainer.args.world_size, "first_batch": first_batch, "logs": trainer.state.log_history}
         (output / f"model{index}-rank{rank}.json").write_text(json.dumps(info))
+    # Tear gloo down together, before the interpreter exits: a rank leaving while the other still talks to it (or
+    # gloo's threads left to process exit) can abort or hang the run.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
