@@ -13,7 +13,8 @@ For each method it measures, on the LLaVA-1.5 shape,
 
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
   after a warm-up);
-* the KV-cache bytes after prefill and after N new tokens (`--new-tokens`), and decode tokens/s with the cache;
+* the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`), and
+  decode tokens/s with the cache;
 * peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
   of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
   above what the process held once the model was built (`peak_memory_above_model`);
@@ -227,19 +228,26 @@ def peak_memory(shape: str, name: str, tokens: int, device) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def process_memory(field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, in bytes (Linux). Unlike `ru_maxrss`, which
+    a child inherits from its parent across fork and exec, `VmHWM` starts afresh with the new program."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_child(shape: str, name: str, tokens: int, device) -> None:
-    import resource
+    cuda = torch.device(device).type == "cuda"
 
     def peak_now():
-        if torch.device(device).type == "cuda":
-            return torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return torch.cuda.max_memory_allocated() if cuda else process_memory("VmHWM")
 
     torch.manual_seed(0)
     model = build_model(name, base_config(shape)).eval().to(device)
     model.generation_config.pad_token_id = 0
     inputs = make_inputs(base_config(shape), device)
-    built = peak_now()
+    built = torch.cuda.memory_allocated() if cuda else process_memory("VmRSS")
     if hasattr(model, "output_text_score_predictor") and tokens > 1:
         force_output_keep_rate(model, inputs, tokens=tokens)
     with torch.no_grad():
@@ -265,8 +273,21 @@ def measure_prefill(model, inputs, repeats, device) -> dict:
             synchronize(device)
             times.append(time.perf_counter() - start)
         result["prefill_time"] = statistics.median(times[1:])
-        result["kv_bytes_prefill"] = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
+        cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+        result["kv_bytes_prefill"] = kv_bytes(cache)
+        result["kv_vision_bytes_prefill"] = vision_kv_bytes(cache, inputs)
     return result
+
+
+def vision_kv_bytes(cache, inputs) -> int:
+    """Bytes of the image tokens' keys and values in the cache (dense LLaVA keeps every image token in every layer)."""
+    if isinstance(cache, DynamicCache):
+        image_tokens = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+        return sum(image_tokens * layer.keys[0, :, 0].numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return sum(
+        int(cache.stored_image_tokens(layer_idx).sum()) * layer.slot_bytes()
+        for layer_idx, layer in enumerate(cache.layers)
+    )
 
 
 def measure_decode(name, model, inputs, new_tokens, device) -> dict:
@@ -396,6 +417,7 @@ def main() -> None:
         "prefill_flops",
         "prefill_time",
         "kv_bytes_prefill",
+        "kv_vision_bytes_prefill",
         *[f"kv_bytes_{n}" for n in new_tokens],
         "decode_tps",
         "peak_memory",
@@ -403,6 +425,7 @@ def main() -> None:
         "next_prefill_flops",
         "next_prefill_time",
         "next_kv_bytes_prefill",
+        "next_kv_vision_bytes_prefill",
         "next_peak_memory",
         "next_peak_memory_above_model",
     ]
