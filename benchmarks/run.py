@@ -29,9 +29,9 @@ Untrained predictors would make arbitrary decisions, so the decisions are forced
   length so that it keeps about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is
   reported (`output_keep_rate_N`);
 * p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule);
-* YOPO runs its 12% preset (5 x 5 window, vision tokens in the first quarter of the layers, half the FFN neurons)
-  with half the heads (the first half, a stand-in for a calibrated mask) pruned for vision tokens from layer 2 on,
-  the layers the reference never prunes being 0 and 1.
+* YOPO runs its 12% preset (5 x 5 window, vision tokens in the first quarter of the layers, half the FFN neurons);
+  from layer 2 on (the reference never prunes layers 0 and 1) only the first half of the heads keep working on
+  vision tokens, a stand-in for a calibrated mask.
 
 Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is asserted: timings are for reading.
 """
@@ -218,7 +218,7 @@ def synchronize(device) -> None:
 def peak_memory(shape: str, name: str, tokens: int, device) -> dict:
     """
     Peak memory of one model in a fresh process (so that no other model's memory counts): built, one prefill, then a
-    generation of `tokens` tokens. On CPU the process's peak resident set (`ru_maxrss`), on CUDA the allocator's peak;
+    generation of `tokens` tokens. On CPU the process's peak resident set (`VmHWM`), on CUDA the allocator's peak;
     `peak_memory_above_model` leaves out what the process held once the model was built.
     """
     import subprocess
@@ -431,7 +431,7 @@ def main() -> None:
     ]
     ratios = {
         name: {
-            **{key: values[key] / dense[key] if dense[key] else float("nan") for key in ratio_keys},
+            **{key: values[key] / dense[key] if dense[key] else None for key in ratio_keys},
             "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
         }
         for name, values in absolute.items()
@@ -443,7 +443,9 @@ def main() -> None:
     )
     print(f"{'method':<16}" + "".join(f"{column:>24}" for column in ratio_keys))
     for name, values in ratios.items():
-        print(f"{name:<16}" + "".join(f"{values[column]:>24.2f}" for column in ratio_keys))
+        print(
+            f"{name:<16}" + "".join(f"{'-' if values[key] is None else f'{values[key]:.2f}':>24}" for key in ratio_keys)
+        )
     print("\nabsolute values")
     for name, values in absolute.items():
         shown = ", ".join(f"{key}={value:.3g}" for key, value in values.items())

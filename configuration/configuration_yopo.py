@@ -1,6 +1,8 @@
 """YOPO configuration (Zhang et al., "Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer Efforts to See",
 arXiv 2410.06169): training-free pruning of the computation spent on vision tokens."""
 
+import math
+
 # transformers 4.57 copies out of a local folder only the files the entry module imports itself, not their imports.
 from .compat_transformers import IS_TRANSFORMERS_V5  # noqa: F401
 from .configuration_sparse_llava import SparseLlavaConfig, check_int, check_ratio
@@ -8,23 +10,14 @@ from .configuration_sparse_llava import SparseLlavaConfig, check_int, check_rati
 ATTENTION_SEMANTICS = ("renormalize", "reference")
 
 # The paper's two budgets, as fractions of the dense vision FLOPs L * (8nd^2 + 4n^2d + 6ndm) (reference section 5c).
-# Its 25% model (7B: "headcut16, layercut16, attncut5, mlpcut2") keeps vision tokens in the first half of the layers,
-# a 5x5 window, half the FFN neurons and about half the heads; halving the vision layers again gives 12%:
+# The released settings are not public; the reference's cost model reproduces 25% (1.91 of 7.63 TFLOPs for 7B) with
+# its 7b_16 head mask (about half the heads), vision tokens in the first half of the layers, a 5x5 window and half
+# the FFN neurons; halving the vision layers again gives 12%:
 # (L/4) * (0.5 * 8nd^2 + 6nd * m/2) / (L * (8nd^2 + 4n^2d + 6ndm)) = 0.12 for LLaVA-1.5-7B.
-# The head mask comes from calibration (`conversion/calibrate_yopo.py`), with `head_keep_fraction` as its target.
+# The head mask comes from calibration (`conversion/calibrate_yopo.py`, by default keeping half the heads).
 PRESETS = {
-    "12%": {
-        "neighbor_window": 5,
-        "vision_layer_fraction": 0.25,
-        "ffn_vision_keep_ratio": 0.5,
-        "head_keep_fraction": 0.5,
-    },
-    "25%": {
-        "neighbor_window": 5,
-        "vision_layer_fraction": 0.5,
-        "ffn_vision_keep_ratio": 0.5,
-        "head_keep_fraction": 0.5,
-    },
+    "12%": {"neighbor_window": 5, "vision_layer_fraction": 0.25, "ffn_vision_keep_ratio": 0.5},
+    "25%": {"neighbor_window": 5, "vision_layer_fraction": 0.5, "ffn_vision_keep_ratio": 0.5},
 }
 
 
@@ -35,7 +28,7 @@ def preset_settings(preset: str, num_layers: int) -> dict:
     settings = PRESETS[preset]
     return {
         "neighbor_window": settings["neighbor_window"],
-        "vision_layer_cutoff": max(1, round(num_layers * settings["vision_layer_fraction"])),
+        "vision_layer_cutoff": max(1, math.floor(num_layers * settings["vision_layer_fraction"] + 0.5)),
         "ffn_vision_keep_ratio": settings["ffn_vision_keep_ratio"],
     }
 
@@ -61,7 +54,9 @@ class YopoConfig(SparseLlavaConfig):
             nothing for vision queries, and no query reads vision keys through it. `None` keeps every head. Computed
             from samples by `conversion/calibrate_yopo.py`.
         vision_layer_cutoff (`int`, *optional*):
-            Layers with index >= the cutoff drop vision tokens entirely. `None` keeps them in every layer.
+            Layers with index >= the cutoff no longer read vision tokens: with `"renormalize"` semantics they leave the
+            sequence (and the cache); with `"reference"` they stay, their values zeroed. `None` keeps them in every
+            layer.
         ffn_vision_keep_ratio (`float`, *optional*, defaults to 0.5):
             Vision tokens use only the first `floor(ratio * intermediate_size)` FFN neurons (the reference keeps the
             first `I / mlpcut_ratio` by index). Text tokens use the whole FFN.
@@ -113,6 +108,17 @@ class YopoConfig(SparseLlavaConfig):
                     f"vision_head_mask must be a list of {num_layers} lists of {num_heads} booleans (layers x heads)"
                 )
             self.vision_head_mask = [list(row) for row in mask]
+            if self.attention_semantics == "reference":
+                # Zeroed values stand for the reference's weights zeroed after the softmax; a key/value head shared
+                # by a kept and a pruned query head cannot be both zero and not.
+                group = num_heads // text_config.num_key_value_heads
+                for layer_idx, row in enumerate(self.vision_head_mask):
+                    mixed = sorted({h // group for h in range(num_heads) if row[h] != row[h // group * group]})
+                    if mixed:
+                        raise ValueError(
+                            f"attention_semantics='reference' needs vision_head_mask to prune whole key/value groups; "
+                            f"layer {layer_idx} keeps and prunes query heads sharing key/value heads {mixed}"
+                        )
         check_ratio("ffn_vision_keep_ratio", self.ffn_vision_keep_ratio)
         if self.attention_semantics not in ATTENTION_SEMANTICS:
             raise ValueError(

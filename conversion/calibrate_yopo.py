@@ -5,7 +5,8 @@
 
 For each sample, layer and head, the ratio of the attention mass on vision keys to the mass on all other keys is
 measured in the dense model (transformers' LLaVA with the folder's weights, eager attention) on the query row of the
-last prompt token, the row that produces the first answer token. A head is active for a sample when its ratio exceeds
+last prompt token, the row that produces the first answer token (the reference does not publish which rows its LLaVA
+masks used; its Qwen2-VL collector reads the first generated token's row, which this is the prefill equivalent of). A head is active for a sample when its ratio exceeds
 `alpha`; it keeps working on vision tokens when it is active in more than `vote` of the samples (the reference: more
 than 40 of 100). The first two layers keep every head. `--keep-fraction` picks `alpha` so that the mean number of heads
 kept per layer is that fraction of the heads (the YOPO presets use 0.5). The mask goes into the folder's
@@ -23,6 +24,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from sparse_llava.compat_transformers import dtype_argument  # noqa: E402
 
 ALWAYS_KEPT_LAYERS = 2  # the reference never prunes heads in layers 0 and 1
 
@@ -52,21 +55,33 @@ def dense_model(model_dir: str):
     else:
         base_fields.pop("image_grid_pinpoints", None)
         base_config, model_class = LlavaConfig(**base_fields), LlavaForConditionalGeneration
-    model = model_class.from_pretrained(model_dir, config=base_config, attn_implementation="eager")
+    model = model_class.from_pretrained(
+        model_dir, config=base_config, attn_implementation="eager", **dtype_argument("auto")
+    )
     return model.eval(), config
 
 
 @torch.no_grad()
 def vision_attention_ratios(model, inputs) -> torch.Tensor:
     """`[layers, heads]`: attention mass of the last prompt token on vision keys over its mass on the other keys."""
-    output = model(**inputs, output_attentions=True)
-    is_image = (inputs["input_ids"][0] == model.config.image_token_id).float()
+    last_rows = []
+
+    def keep_last_row(module, args, output):  # eager attention returns (output, weights [1, heads, queries, keys])
+        last_rows.append(output[1][0, :, -1, :].float())
+
+    # Only each layer's last row is kept (full maps of every layer would not fit for LLaVA-NeXT-sized inputs).
+    hooks = [layer.self_attn.register_forward_hook(keep_last_row) for layer in model.model.language_model.layers]
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    is_image = (inputs["input_ids"][0] == model.config.image_token_id).float().to(last_rows[0].device)
     ratios = []
-    for attention in output.attentions:  # [1, heads, queries, keys]
-        last_row = attention[0, :, -1, :].float()
+    for last_row in last_rows:
         vision = last_row @ is_image
         ratios.append(vision / (last_row.sum(-1) - vision).clamp(min=1e-12))
-    return torch.stack(ratios)
+    return torch.stack(ratios).cpu()
 
 
 def head_mask_from_ratios(ratios: torch.Tensor, alpha: float, vote: float) -> torch.Tensor:
@@ -106,7 +121,13 @@ def sample_inputs(processor, image_paths: list[str], prompts: list[str]):
             image = Image.open(image_path).convert("RGB")
         except OSError as error:
             raise CalibrationError(f"cannot read image {image_path!r}: {error}") from None
-        text = prompt if "<image>" in prompt else f"USER: <image>\n{prompt} ASSISTANT:"
+        if "<image>" in prompt:
+            text = prompt
+        elif getattr(processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        else:  # LLaVA-1.5's conversation format
+            text = f"USER: <image>\n{prompt} ASSISTANT:"
         yield processor(images=image, text=text, return_tensors="pt")
 
 
@@ -128,6 +149,8 @@ def calibrate(
         raise CalibrationError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if not image_paths:
         raise CalibrationError("no calibration images given")
+    if not 0 <= vote < 1:
+        raise CalibrationError(f"vote must be in [0, 1), got {vote}")
     model, config = dense_model(str(model_dir))
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     ratios = torch.stack(
@@ -136,6 +159,11 @@ def calibrate(
     if alpha is None:
         alpha = alpha_for_keep_fraction(ratios, keep_fraction, vote)
     mask = head_mask_from_ratios(ratios, alpha, vote).tolist()
+    try:  # the folder's config must accept it (e.g. "reference" semantics prune whole key/value groups only)
+        config_class = type(config)
+        config_class.from_dict({**config.to_dict(), "vision_head_mask": mask})
+    except ValueError as error:
+        raise CalibrationError(f"the calibrated mask does not fit this model: {error}") from None
     if write:
         config_path = Path(model_dir) / "config.json"
         fields = json.loads(config_path.read_text())

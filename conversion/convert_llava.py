@@ -170,8 +170,9 @@ def convert(
     weights original LLaVA checkpoints lack; `processor` (a llava-hf folder or Hub id) supplies the processor and
     tokenizer files instead of the source's. For YOPO, `preset` ("12%" or "25%") sets the pruning to one of the
     paper's budgets and `head_mask` (a `.npy` of booleans [layers, heads], as the YOPO repository ships, or a `.json`
-    list of lists) gives `vision_head_mask`; `overrides` win over both. Returns the output folder. Raises `ConversionError` on bad input,
-    leaving `output` untouched.
+    list of lists) gives `vision_head_mask`. Settings: `overrides` win over the preset, which wins over the settings
+    found in a released checkpoint. Returns the output folder. Raises `ConversionError` on bad input, leaving `output`
+    untouched.
     """
     from transformers import AutoConfig
 
@@ -204,7 +205,7 @@ def convert(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.source.", dir=output.parent) as rewritten:
-        weights_source, copy_processor = base, True
+        weights_source, copy_processor, source_settings = base, True, {}
         if source_format == "llava-hf":
             try:
                 base_config = AutoConfig.from_pretrained(base, revision=revision)
@@ -219,9 +220,7 @@ def convert(
                 )
             for name in checkpoint.ignored:
                 step(f"  not used: {name}")
-            base_config, overrides = checkpoint.base_config, {**checkpoint.settings, **overrides}
-            if checkpoint.method == "yopo" and "vision_head_mask" not in overrides:
-                step("  the YOPO head mask is not in the checkpoint: pass --head-mask (headmask_*.npy) or calibrate")
+            base_config, source_settings = checkpoint.base_config, checkpoint.settings
             # Written under the models' runtime names, then loaded like any checkpoint (memory-efficient loading).
             from huggingface_hub import save_torch_state_dict
 
@@ -231,14 +230,18 @@ def convert(
             weights_source, copy_processor, revision = rewritten, False, None
             if processor is None:
                 step("  the original tokenizer lacks <image>: pass --processor with the matching llava-hf model")
+        preset_fields = {}
         if preset is not None:
             try:
                 preset_fields = preset_settings(preset, base_config.get_text_config().num_hidden_layers)
             except ValueError as error:
                 raise ConversionError(str(error)) from None
-            overrides = {**preset_fields, **overrides}
+        # What the user asks for wins: --set over --preset over the settings found in the source checkpoint.
+        settings = {**source_settings, **preset_fields, **overrides}
+        if method == "yopo" and settings.get("vision_head_mask") is None:
+            step("  every head keeps working on vision tokens: give --head-mask or run conversion/calibrate_yopo.py")
         try:
-            config = spec.config_class.from_base_config(base_config, **overrides)
+            config = spec.config_class.from_base_config(base_config, **settings)
         except (ValueError, TypeError) as error:
             raise ConversionError(_first_line(error)) from None
         step(f"loading the base weights into {spec.model_class.__name__}")

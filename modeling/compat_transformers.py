@@ -9,6 +9,7 @@ The other files are written against 5.x; the few places where 4.57 works differe
 * image features: 5.x returns an output object, 4.57 the list of per-image features;
 * masks: 4.57's `create_causal_mask` sizes the mask from layer 0 and places queries by `cache_position`;
 * generation: 4.57's `generate` passes `cache_position` and the images on every step;
+* `from_pretrained`: 5.x names the dtype `dtype`, 4.57 `torch_dtype`;
 * training arguments: 5.x takes the warm-up fraction as `warmup_steps` (4.57: `warmup_ratio`) and renamed
   `gradient_checkpointing` to `activation_checkpointing`.
 """
@@ -188,3 +189,8 @@ def training_schedule_arguments(warmup_fraction: float, checkpointing: bool) -> 
     if IS_TRANSFORMERS_V5:
         return {"warmup_steps": warmup_fraction, "activation_checkpointing": checkpointing}
     return {"warmup_ratio": warmup_fraction, "gradient_checkpointing": checkpointing}
+
+
+def dtype_argument(dtype) -> dict:
+    """The `from_pretrained` keyword for a dtype (5.x: `dtype`; 4.57: `torch_dtype`)."""
+    return {"dtype": dtype} if IS_TRANSFORMERS_V5 else {"torch_dtype": dtype}

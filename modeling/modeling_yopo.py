@@ -2,10 +2,11 @@
 
 The reference implementation prunes by masking a dense computation; here each pruned piece of work is not done:
 
-* neighbour-window attention: a vision query scores only the text before it and the `w x w` vision neighbours of its
-  own image, gathered per token, so the cost is linear in the number of vision tokens;
+* neighbour-window attention: a vision query attends only to the text before it and to the `w x w` vision neighbours
+  of its own image, computed tile by tile (`WindowBlocks`), so the cost is linear in the number of vision tokens;
 * inactive heads: a head pruned for vision tokens computes no query, key, value or output for them (the projections
-  run on the kept heads' slices of the weights), and no query reads vision keys through it;
+  run on the kept heads' slices of the weights), and no query reads vision keys through it. The cache stays
+  rectangular, so before the cutoff a pruned head's vision slots hold zeros: pruning heads saves compute, not memory;
 * layer cutoff: from `vision_layer_cutoff` on, vision tokens leave the sequence, and those layers cache no vision K/V;
 * sparse FFN: vision tokens run the FFN on the first `ffn_vision_keep_ratio` of its neurons (sliced weights).
 
@@ -14,11 +15,11 @@ Text tokens are computed exactly as in the base model, except for what they no l
 softmax) are reproduced: vision keys are then computed in every layer and head, their values only where read; a zero
 value is what "weight zeroed after the softmax" means, so the cache stores zeros there and decoding runs unchanged.
 
-Attention in the YOPO layers is written out in PyTorch (`torch.nn.functional.scaled_dot_product_attention` for the
-text queries, an explicit softmax over the gathered keys for the vision queries), whatever `attn_implementation` says.
+Attention in the YOPO layers runs through `torch.nn.functional.scaled_dot_product_attention` with per-head masks (text
+queries over every slot, vision queries per window tile), whatever `attn_implementation` says.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -167,14 +168,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         query_heads = config.vision_heads(layer_idx)
         used_kv_heads = sorted({head // group for head in query_heads})
         vision_layer = config.vision_layer(layer_idx)
-        if config.attention_semantics == "reference":
-            pruned_groups = {head // group for head in range(num_heads) if head not in query_heads}
-            mixed = sorted(pruned_groups.intersection(used_kv_heads))
-            if mixed:
-                raise ValueError(
-                    f"attention_semantics='reference' needs vision_head_mask to prune whole key/value groups; layer "
-                    f"{layer_idx} keeps and prunes query heads sharing key/value heads {mixed}"
-                )
+        if config.attention_semantics == "reference":  # the config checked that whole groups are pruned
             key_heads, value_heads, pruned = list(range(num_kv_heads)), used_kv_heads if vision_layer else [], []
             vision_in_layer = True
         elif vision_layer:
@@ -194,6 +188,16 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             query_heads, key_heads, value_heads, pruned, ffn_neurons, config.neighbor_window, vision_in_layer, dense
         )
 
+    def pruned_head_mask(self, layer_idx: int, device) -> torch.Tensor:
+        """`[heads]` bool: the heads of layer `layer_idx` that must not read vision keys (cached per device, so that
+        decode steps copy nothing from the host)."""
+        key = ("pruned", layer_idx, device)
+        if key not in self._index_tensors:
+            mask = torch.zeros(self.config.get_text_config().num_attention_heads, dtype=torch.bool)
+            mask[self.plans[layer_idx].pruned_heads] = True
+            self._index_tensors[key] = mask.to(device)
+        return self._index_tensors[key]
+
     def head_index(self, heads: list[int], head_dim: int, device) -> torch.Tensor:
         """Row indices of the given heads in a `[heads * head_dim, ...]` projection weight (cached per device)."""
         key = (tuple(heads), head_dim, device)
@@ -212,7 +216,13 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         if layer_idx == 0:
             stream = YopoStream.extend(stream, self.vision_layout(stream))
         if layer_idx == self.config.vision_layer_cutoff and self.config.attention_semantics == "renormalize":
-            stream = stream.select(~stream.is_image)
+            # Rows are right-aligned: the last slot is each row's last token, whose logits predict what comes next.
+            if bool((stream.is_image[:, -1] & stream.valid[:, -1]).any()):
+                raise ValueError(
+                    "an input ends with an image token, whose state leaves the sequence at vision_layer_cutoff; end "
+                    "the prompt with text (e.g. the assistant's turn marker)"
+                )
+            stream = replace(stream.select(~stream.is_image), layout=None)
         return stream
 
     def vision_layout(self, stream: TokenStream) -> VisionLayout:
@@ -293,6 +303,14 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         plan = self.plans[layer_idx]
         layout = getattr(stream, "layout", None)
         if layout is not None and plan.vision_in_layer and not plan.dense:
+            if decoder_layer.gradient_checkpointing and self.training and cache is None:
+                # The layer's own checkpointing wrapper is bypassed here (its sub-modules are called), so apply it.
+                def checkpointed(hidden_states):
+                    return self.yopo_layer(
+                        layer_idx, decoder_layer, replace(stream, hidden_states=hidden_states), layout, None
+                    )
+
+                return decoder_layer._gradient_checkpointing_func(checkpointed, stream.hidden_states)
             return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
         if cache is not None and plan.pruned_heads and cache.layers[layer_idx].holds_images:
             # A text-only chunk reading cached vision keys that some heads must not see.
@@ -362,7 +380,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         past = keys.shape[2] - length
 
         text_output = self.text_attention(
-            attention, text_query, keys, values, slots_valid, slot_is_image, layout, past, plan
+            layer_idx, attention, text_query, keys, values, slots_valid, slot_is_image, layout, past, plan
         )
         text_hidden = gather_rows(x, layout.text_index) + attention.o_proj(text_output)
         text_hidden = text_hidden + decoder_layer.mlp(decoder_layer.post_attention_layernorm(text_hidden))
@@ -398,14 +416,13 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         )
         return scatter_slots(output, 1, vision_hidden, layout.vision_index, layout.vision_present)
 
-    def text_attention(self, attention, query, keys, values, slots_valid, slot_is_image, layout, past, plan):
+    def text_attention(self, layer_idx, attention, query, keys, values, slots_valid, slot_is_image, layout, past, plan):
         """Text queries: causal attention over every slot the layer holds, minus vision keys of pruned heads."""
         key_slot = torch.arange(keys.shape[2], device=keys.device)
         allowed = slots_valid[:, None, :] & (key_slot <= (past + layout.text_index).unsqueeze(-1))
         allowed = allowed.unsqueeze(1)  # [batch, 1, texts, slots]
         if plan.pruned_heads:
-            pruned = torch.zeros(query.shape[1], dtype=torch.bool, device=keys.device)
-            pruned[plan.pruned_heads] = True
+            pruned = self.pruned_head_mask(layer_idx, keys.device)
             hidden = slot_is_image[:, None, None, :] & pruned[None, :, None, None]
             allowed = allowed & ~hidden
         # Rows of absent text entries would have nothing to attend to (NaN): let them attend anywhere, they are unused.
@@ -429,18 +446,16 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             output = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=attention.scaling)
             return output.transpose(1, 2).flatten(2)
 
-        # Text keys: the past slots that are not image tokens, and the chunk's text tokens before the query.
-        text_keys = torch.cat(
-            [keys[:, :, :past], gather_rows(keys.transpose(1, 2), past + layout.text_index).transpose(1, 2)], dim=2
-        )
-        text_values = torch.cat(
-            [values[:, :, :past], gather_rows(values.transpose(1, 2), past + layout.text_index).transpose(1, 2)], dim=2
-        )
-        past_visible = slots_valid[:, :past] & ~slot_is_image[:, :past]
+        # Text keys: the past slots that are not image tokens (compacted: earlier images' slots are never read here),
+        # and the chunk's text tokens before the query.
+        past_index, past_present = left_aligned(slots_valid[:, :past] & ~slot_is_image[:, :past])
+        text_slots = torch.cat([past_index, past + layout.text_index], dim=1)
+        text_keys = gather_rows(keys.transpose(1, 2), text_slots).transpose(1, 2)
+        text_values = gather_rows(values.transpose(1, 2), text_slots).transpose(1, 2)
         chunk_visible = layout.text_present[:, None, :] & (
             layout.text_index[:, None, :] < layout.vision_index[:, :, None]
         )
-        text_visible = torch.cat([past_visible[:, None, :].expand(-1, num_visions, -1), chunk_visible], dim=-1)
+        text_visible = torch.cat([past_present[:, None, :].expand(-1, num_visions, -1), chunk_visible], dim=-1)
 
         # Window keys, block by block (see `WindowBlocks`): every block is a small dense attention problem.
         blocks = layout.window_blocks

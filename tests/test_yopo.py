@@ -6,6 +6,7 @@ import torch
 from test_dynamic_llava_prefill import inputs_for, row_alone
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from sparse_llava import modeling_yopo
 from sparse_llava.configuration_yopo import YopoConfig, preset_settings
 from sparse_llava.flops import flop_counter
 from sparse_llava.modeling_yopo import WINDOW_BLOCK, YopoLlavaForConditionalGeneration
@@ -184,8 +185,15 @@ def test_dense_equivalent_reproduces_base_logits(base, base_checkpoints):
     assert (actual - expected)[valid].abs().max() <= 1e-5
 
 
+@pytest.fixture(params=[8, 2], ids=["block8", "block2"])
+def window_block(request, monkeypatch):
+    """The window tile size: the default, and 2 so that the tiny grids span several tiles (windows cross tiles)."""
+    monkeypatch.setattr(modeling_yopo, "WINDOW_BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
-def test_window_equals_dense_llava_with_window_mask(base, base_checkpoints):
+def test_window_equals_dense_llava_with_window_mask(base, base_checkpoints, window_block):
     """`neighbor_window=3` alone == transformers' LLaVA with the vision block of its 4-D mask replaced by the window."""
     base_model = base_checkpoints[(base, "hub")][1]
     model = yopo_from(base_model, **{**DENSE_EQUIVALENT, "neighbor_window": 3})
@@ -208,19 +216,30 @@ def test_window_equals_dense_llava_with_window_mask(base, base_checkpoints):
     assert (dense - expected)[text_positions(inputs)].abs().max() > 1e-3  # the window changes the answer
 
 
+# Renormalize semantics also prune single heads of a key/value group (2 query heads per group here).
+MIXED_GROUPS = {
+    **ALL_KNOBS,
+    "vision_head_mask": [[True] * 4, [True, False, True, False], [False, True, False, False], [False] * 4],
+}
+
+
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
-@pytest.mark.parametrize("semantics", ["reference", "renormalize"])
-def test_every_knob_equals_masked_implementation(base, semantics, base_checkpoints):
+@pytest.mark.parametrize(
+    ("semantics", "settings"),
+    [("reference", ALL_KNOBS), ("renormalize", ALL_KNOBS), ("renormalize", MIXED_GROUPS)],
+    ids=["reference", "renormalize", "renormalize-mixed-groups"],
+)
+def test_every_knob_equals_masked_implementation(base, semantics, settings, base_checkpoints, window_block):
     base_model = base_checkpoints[(base, "hub")][1]
-    model = yopo_from(base_model, **ALL_KNOBS, attention_semantics=semantics)
+    model = yopo_from(base_model, **settings, attention_semantics=semantics)
     inputs = inputs_for(base)
-    expected = masked_yopo(base_model, inputs, ALL_KNOBS, semantics)
+    expected = masked_yopo(base_model, inputs, settings, semantics)
     with torch.no_grad():
         actual = model(**inputs).logits
     text = text_positions(inputs)  # with "renormalize", vision tokens leave at the cutoff: no logits for them
     assert (actual - expected)[text].abs().max() <= 1e-5
     other = "renormalize" if semantics == "reference" else "reference"
-    assert (masked_yopo(base_model, inputs, ALL_KNOBS, other) - expected)[text].abs().max() > 1e-4
+    assert (masked_yopo(base_model, inputs, settings, other) - expected)[text].abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("semantics", ["reference", "renormalize"])
@@ -407,6 +426,56 @@ def test_calibration_writes_the_reference_rules_head_mask(base_checkpoints, tmp_
     assert kept[:2] == [4, 4] and abs(sum(kept) / 4 - 3) <= 0.5
     assert main(["--model", str(base_folder), "--images", *images, "--prompts", prompt]) == 2
     assert "is not a YOPO model" in capsys.readouterr().err
+
+
+def two_image_conversation():
+    """One row: text, image, text, image, text (LLaVA-1.5 tiny images: 16 tokens each)."""
+    generator = torch.Generator().manual_seed(3)
+    pieces = [torch.randint(4, IMAGE_TOKEN_ID, (n,), generator=generator) for n in (3, 4, 5)]
+    image = torch.full((16,), IMAGE_TOKEN_ID)
+    first = torch.cat([pieces[0], image, pieces[1]])[None]
+    second = torch.cat([image, pieces[2]])[None]
+    pixels = torch.randn(2, 3, 8, 8, generator=generator)
+    return first, second, pixels
+
+
+def test_two_images_per_row_and_a_second_turn_on_the_cache(base_checkpoints):
+    """Several images in one row match the masked implementation; a second turn (an image, then text only) run on the
+    cache of the first gives the logits of the whole conversation run at once."""
+    base_model = base_checkpoints[("llava", "hub")][1]
+    model = yopo_from(base_model, **MIXED_GROUPS)
+    first, second, pixels = two_image_conversation()
+    whole = {"input_ids": torch.cat([first, second], dim=1), "pixel_values": pixels}
+    whole["attention_mask"] = torch.ones_like(whole["input_ids"])
+    text = text_positions(whole)
+    expected = masked_yopo(base_model, whole, MIXED_GROUPS, "renormalize")
+    with torch.no_grad():
+        assert (model(**whole).logits - expected)[text].abs().max() <= 1e-5
+        cache = model(input_ids=first, pixel_values=pixels[:1], use_cache=True).past_key_values
+        second_turn = model(input_ids=second, pixel_values=pixels[1:], past_key_values=cache, use_cache=True).logits
+        width = first.shape[1]
+        assert (second_turn - expected[:, width:])[text[:, width:]].abs().max() <= 1e-5
+        # A text-only turn of several tokens reads the cached vision slots through the per-head masks.
+        follow_up = torch.randint(4, IMAGE_TOKEN_ID, (1, 4), generator=torch.Generator().manual_seed(5))
+        third_turn = model(input_ids=follow_up, past_key_values=cache, use_cache=True).logits
+        longer = {**whole, "input_ids": torch.cat([whole["input_ids"], follow_up], dim=1)}
+        longer["attention_mask"] = torch.ones_like(longer["input_ids"])
+        expected_longer = masked_yopo(base_model, longer, MIXED_GROUPS, "renormalize")
+    assert (third_turn - expected_longer[:, -4:]).abs().max() <= 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base_checkpoints):
+    base_model = base_checkpoints[("llava_next", "hub")][1]
+    inputs = inputs_for("llava_next")
+    labels = torch.where(text_positions(inputs), inputs["input_ids"], -100)
+    gradients = []
+    for checkpointing in (False, True):
+        model = yopo_from(base_model, **ALL_KNOBS).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**inputs, labels=labels).loss.backward()
+        gradients.append(model.language_model.layers[0].self_attn.q_proj.weight.grad)
+    assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-6)
 
 
 def test_pruning_applies_in_training(base_checkpoints):
