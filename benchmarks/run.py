@@ -441,11 +441,11 @@ def main() -> None:
         f"\nratios against dense LLaVA (dense = 1.00); decode_tps at {longest} new tokens, peak memory over a prefill and"
         f" {peak_tokens} new tokens (LLaVA-NeXT shape: prefill only)"
     )
-    print(f"{'method':<16}" + "".join(f"{column:>24}" for column in ratio_keys))
+    widths = [max(10, len(key)) + 2 for key in ratio_keys]
+    print(f"{'method':<16}" + "".join(f"{key:>{width}}" for key, width in zip(ratio_keys, widths)))
     for name, values in ratios.items():
-        print(
-            f"{name:<16}" + "".join(f"{'-' if values[key] is None else f'{values[key]:.2f}':>24}" for key in ratio_keys)
-        )
+        cells = ["-" if values[key] is None else f"{values[key]:.2f}" for key in ratio_keys]
+        print(f"{name:<16}" + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
     print("\nabsolute values")
     for name, values in absolute.items():
         shown = ", ".join(f"{key}={value:.3g}" for key, value in values.items())
