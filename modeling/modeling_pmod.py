@@ -23,7 +23,7 @@ from torch import nn
 
 from .cache_sparse_llava import SparseCache
 from .configuration_pmod import PMoDConfig
-from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_to_columns
+from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_slots
 
 
 class TokenRouter(nn.Linear):
@@ -106,7 +106,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             kept_output = block(kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings)
 
         skipped_output = torch.where(routed.unsqueeze(-1), weight.unsqueeze(-1).to(x.dtype) * x, x)
-        return scatter_to_columns(kept_output, kept, skipped_output)
+        return scatter_slots(skipped_output, kept_output, kept.source_index, kept.valid)
 
     @staticmethod
     def kept_tokens_block(decoder_layer, hidden_states, weight, attention_mask, cos, sin, cache=None, **kwargs):

@@ -132,9 +132,9 @@ class TokenStream:
         cos, sin = self.position_embeddings
         return replace(
             self,
-            hidden_states=_gather_slots(self.hidden_states, order),
+            hidden_states=gather_slots(self.hidden_states, order),
             position_ids=self.position_ids.gather(1, order),
-            position_embeddings=(_gather_slots(cos, order), _gather_slots(sin, order)),
+            position_embeddings=(gather_slots(cos, order), gather_slots(sin, order)),
             valid=keep.gather(1, order),
             source_index=self.source_index.gather(1, order),
             image_index=self.image_index.gather(1, order),
@@ -147,8 +147,26 @@ class TokenStream:
         )
 
 
-def _gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor.gather(1, index.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+def gather_slots(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`tensor[b, index[b, i]]` for `[batch, slots, ...]` tensors."""
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return tensor.gather(1, expanded)
+
+
+def scatter_slots(
+    target: torch.Tensor, values: torch.Tensor, index: torch.Tensor, present: torch.Tensor, dim: int = 1
+) -> torch.Tensor:
+    """
+    A copy of `target` with `values` written at slots `index[b, i]` along `dim` (the batch dimension is 0) where
+    `present[b, i]`; absent entries go to a spare slot that is cut off.
+    """
+    length = target.shape[dim]
+    index = torch.where(present, index, length)
+    index = index.view(index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (values.dim() - dim - 1)))
+    spare = list(target.shape)
+    spare[dim] = 1
+    padded = torch.cat([target, target.new_zeros(spare)], dim=dim)
+    return padded.scatter(dim, index.expand(values.shape), values).narrow(dim, 0, length)
 
 
 def locate_image_tokens(special_image_mask: torch.Tensor, image_lengths: list[int]):
@@ -168,16 +186,6 @@ def locate_image_tokens(special_image_mask: torch.Tensor, image_lengths: list[in
     no_image = torch.full_like(rank, -1)
     shape = special_image_mask.shape
     return torch.where(flat, index, no_image).view(shape), torch.where(flat, offset, no_image).view(shape)
-
-
-def scatter_to_columns(values: torch.Tensor, stream: TokenStream, base: torch.Tensor) -> torch.Tensor:
-    """Write each valid slot of `values` (`[batch, slots, dim]`) at its input column of a copy of `base`."""
-    batch_size, seq_len, dim = base.shape
-    # Invalid slots are written to an extra column that is cut off afterwards.
-    target = torch.where(stream.valid, stream.source_index, seq_len)
-    result = torch.cat([base, base.new_zeros((batch_size, 1, dim))], dim=1)
-    result = result.scatter(1, target.unsqueeze(-1).expand(-1, -1, dim), values)
-    return result[:, :seq_len]
 
 
 class SparseLlavaPreTrainedModel(PreTrainedModel):
@@ -540,4 +548,4 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if not stream.shortened:
             return hidden_states
         base = hidden_states.new_zeros((hidden_states.shape[0], seq_len, hidden_states.shape[-1]))
-        return scatter_to_columns(hidden_states, stream, base)
+        return scatter_slots(base, hidden_states, stream.source_index, stream.valid)

@@ -28,7 +28,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
 from .configuration_yopo import YopoConfig
-from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream
+from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, gather_slots, scatter_slots
 
 
 @dataclass
@@ -110,27 +110,6 @@ def left_aligned(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = int(mask.sum(-1).max()) if mask.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
     return order, mask.gather(1, order)
-
-
-def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`tensor[b, index[b, i]]` for `[batch, slots, ...]` tensors."""
-    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
-    return tensor.gather(1, expanded)
-
-
-def scatter_slots(target: torch.Tensor, dim: int, values: torch.Tensor, index: torch.Tensor, present: torch.Tensor):
-    """
-    A copy of `target` with `values` written at slots `index[b, i]` along `dim` (1 or 2) where `present[b, i]`;
-    absent entries go to a spare slot that is cut off.
-    """
-    length = target.shape[dim]
-    index = torch.where(present, index, length)
-    shape = list(values.shape)
-    index = index.view(index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (values.dim() - dim - 1)))
-    spare = list(target.shape)
-    spare[dim] = 1
-    padded = torch.cat([target, target.new_zeros(spare)], dim=dim)
-    return padded.scatter(dim, index.expand(shape), values).narrow(dim, 0, length)
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -335,8 +314,8 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         cos, sin = stream.position_embeddings
 
         # Text tokens: queries, keys and values in every head.
-        text_normed = gather_rows(normed, layout.text_index)
-        text_cos, text_sin = gather_rows(cos, layout.text_index), gather_rows(sin, layout.text_index)
+        text_normed = gather_slots(normed, layout.text_index)
+        text_cos, text_sin = gather_slots(cos, layout.text_index), gather_slots(sin, layout.text_index)
         text_query = self.heads(attention.q_proj(text_normed), head_dim)
         text_key = self.heads(attention.k_proj(text_normed), head_dim)
         text_value = self.heads(attention.v_proj(text_normed), head_dim)
@@ -344,8 +323,8 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
         # Vision tokens: only the heads the plan keeps.
         num_kv_heads = attention.config.num_key_value_heads
-        vision_normed = gather_rows(normed, layout.vision_index)
-        vision_cos, vision_sin = gather_rows(cos, layout.vision_index), gather_rows(sin, layout.vision_index)
+        vision_normed = gather_slots(normed, layout.vision_index)
+        vision_cos, vision_sin = gather_slots(cos, layout.vision_index), gather_slots(sin, layout.vision_index)
         num_visions = layout.vision_index.shape[1]
         vision_key = x.new_zeros((batch_size, num_kv_heads, num_visions, head_dim))
         vision_value = torch.zeros_like(vision_key)
@@ -360,8 +339,8 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         # The chunk's keys and values in slot order, stored in (and extended with) the cache.
         def in_slot_order(text_states, vision_states):
             states = x.new_zeros((batch_size, num_kv_heads, length, head_dim))
-            states = scatter_slots(states, 2, text_states, layout.text_index, layout.text_present)
-            return scatter_slots(states, 2, vision_states, layout.vision_index, layout.vision_present)
+            states = scatter_slots(states, text_states, layout.text_index, layout.text_present, dim=2)
+            return scatter_slots(states, vision_states, layout.vision_index, layout.vision_present, dim=2)
 
         chunk_key, chunk_value = in_slot_order(text_key, vision_key), in_slot_order(text_value, vision_value)
         is_image = stream.is_image & stream.valid
@@ -382,13 +361,13 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         text_output = self.text_attention(
             layer_idx, attention, text_query, keys, values, slots_valid, slot_is_image, layout, past, plan
         )
-        text_hidden = gather_rows(x, layout.text_index) + attention.o_proj(text_output)
+        text_hidden = gather_slots(x, layout.text_index) + attention.o_proj(text_output)
         text_hidden = text_hidden + decoder_layer.mlp(decoder_layer.post_attention_layernorm(text_hidden))
-        output = scatter_slots(x, 1, text_hidden, layout.text_index, layout.text_present)
+        output = scatter_slots(x, text_hidden, layout.text_index, layout.text_present)
         if not num_visions:
             return output
 
-        vision_hidden = gather_rows(x, layout.vision_index)
+        vision_hidden = gather_slots(x, layout.vision_index)
         if plan.query_heads:
             rows = self.head_index(plan.query_heads, head_dim, device)
             query = self.heads(linear_rows(attention.q_proj, vision_normed, rows), head_dim)
@@ -414,7 +393,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         vision_hidden = vision_hidden + self.narrow_ffn(
             decoder_layer.mlp, decoder_layer.post_attention_layernorm(vision_hidden), plan.ffn_neurons
         )
-        return scatter_slots(output, 1, vision_hidden, layout.vision_index, layout.vision_present)
+        return scatter_slots(output, vision_hidden, layout.vision_index, layout.vision_present)
 
     def text_attention(self, layer_idx, attention, query, keys, values, slots_valid, slot_is_image, layout, past, plan):
         """Text queries: causal attention over every slot the layer holds, minus vision keys of pruned heads."""
@@ -450,8 +429,8 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         # and the chunk's text tokens before the query.
         past_index, past_present = left_aligned(slots_valid[:, :past] & ~slot_is_image[:, :past])
         text_slots = torch.cat([past_index, past + layout.text_index], dim=1)
-        text_keys = gather_rows(keys.transpose(1, 2), text_slots).transpose(1, 2)
-        text_values = gather_rows(values.transpose(1, 2), text_slots).transpose(1, 2)
+        text_keys = gather_slots(keys.transpose(1, 2), text_slots).transpose(1, 2)
+        text_values = gather_slots(values.transpose(1, 2), text_slots).transpose(1, 2)
         chunk_visible = layout.text_present[:, None, :] & (
             layout.text_index[:, None, :] < layout.vision_index[:, :, None]
         )
