@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch
 TRANSFORMERS_SPEC ?= transformers
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench clean
+.PHONY: install install-extras demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]" "$(TRANSFORMERS_SPEC)"
 	touch $@
+
+# The optional extras (lmms-eval plugin and accuracy metrics, `sparse-llava serve`, plots), keeping the installed torch:
+# lmms-eval's requirements would otherwise be free to replace it. lmms-eval requires torchvision; PyPI's torchvision
+# wheels are built against the CUDA torch, fail to load next to a CPU-only torch build, and transformers imports
+# torchvision whenever it is installed, so a torchvision that cannot be imported is removed again.
+install-extras: install
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -c $(VENV)/torch-constraint.txt -e ".[dev,eval,serve,plot]" "$(TRANSFORMERS_SPEC)"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall --quiet -y torchvision
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py

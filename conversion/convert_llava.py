@@ -380,6 +380,23 @@ def _copy_processor_files(base: str, revision: str | None, destination: Path) ->
     for name in PROCESSOR_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)
+    _give_tokenizer_the_chat_template(destination)
+
+
+def _give_tokenizer_the_chat_template(folder: Path) -> None:
+    """
+    Make the tokenizer carry the processor's chat template too. A llava-hf repo may keep it only in the processor's
+    `chat_template.json`, which processors read and tokenizers do not; tools that template with the tokenizer
+    (lmms-eval's LLaVA wrappers, for one) would then fall back to a format of their own.
+    """
+    tokenizer_config_file, legacy_template_file = folder / "tokenizer_config.json", folder / "chat_template.json"
+    if not tokenizer_config_file.is_file() or (folder / "chat_template.jinja").is_file():
+        return  # no tokenizer, or the template file both read
+    tokenizer_config = json.loads(tokenizer_config_file.read_text())
+    if tokenizer_config.get("chat_template") is not None or not legacy_template_file.is_file():
+        return
+    tokenizer_config["chat_template"] = json.loads(legacy_template_file.read_text())["chat_template"]
+    tokenizer_config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_image_token(folder: Path, config) -> None:

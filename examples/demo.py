@@ -3,7 +3,8 @@
 1. build a tiny random LLaVA-1.5 checkpoint in the llava-hf layout (transformers' own classes);
 2. convert it to Dynamic-LLaVA with `conversion/convert_llava.py`;
 3. load the result the way users do, `AutoModelForImageTextToText.from_pretrained(..., trust_remote_code=True)`;
-4. generate, and print how many tokens each decoder layer kept in its KV cache.
+4. generate for prompts written by the folder's chat template, and print how many tokens each decoder layer kept in
+   its KV cache.
 """
 
 import argparse
@@ -66,7 +67,14 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(converted, trust_remote_code=True)
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")) for _ in range(2)]
-    prompts = ["USER: <image> What is in the image ? ASSISTANT:", "USER: <image> a cat ? ASSISTANT:"]
+    questions = ["What is in the image ?", "a cat ?"]
+    # The folder carries its base's chat template (here LLaVA-1.5's: "USER: <image>\n{question} ASSISTANT:").
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}] for question in questions
+    ]
+    prompts = [
+        processor.apply_chat_template(conversation, add_generation_prompt=True) for conversation in conversations
+    ]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
     prompt_length = inputs["input_ids"].shape[1]

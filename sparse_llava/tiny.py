@@ -113,15 +113,54 @@ def _fill_parameters(model, seed: int) -> None:
 
 
 WORDS = ["USER:", "ASSISTANT:", "What", "is", "in", "the", "image", "?", "a", "cat", "dog", "red", "blue"]
+# The markers of LLaVA-NeXT-Mistral's prompt format; after WORDS so that the ids of the words above stay put.
+NEXT_WORDS = ["[INST]", "[/INST]"]
+
+# The chat templates of the llava-hf repos the tiny bases stand for, verbatim: llava-hf/llava-1.5-7b-hf (also
+# llava-hf/llava-v1.6-vicuna-7b-hf's) renders `USER: <image>\n{text} ASSISTANT:`; llava-hf/llava-v1.6-mistral-7b-hf
+# renders `[INST] <image>\n{text} [/INST]` (its user turn ends the prompt, so it ignores `add_generation_prompt`).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' }}{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'][0]['text'] + '</s> '}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+CHAT_TEMPLATES = {"llava": LLAVA_CHAT_TEMPLATE, "llava_next": LLAVA_NEXT_CHAT_TEMPLATE}
+
+
+def hand_written_prompt(base: str, text: str) -> str:
+    """The prompt the base's chat template gives for one user turn with one image, written out by hand."""
+    if base == "llava":
+        return f"USER: <image>\n{text} ASSISTANT:"
+    return f"[INST] <image>\n{text} [/INST]"
 
 
 def build_tiny_processor(base: str = "llava"):
-    """A `LlavaProcessor` / `LlavaNextProcessor` for the tiny models: word-level tokenizer, 8-pixel images."""
+    """
+    A `LlavaProcessor` / `LlavaNextProcessor` for the tiny models: word-level tokenizer, 8-pixel images, and the
+    chat template of the llava-hf base they stand for (see `CHAT_TEMPLATES`) in both the processor and the tokenizer.
+    """
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
+    if base not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown base {base!r}: expected one of {sorted(CHAT_TEMPLATES)}")
+
     specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    words = WORDS + [f"w{index}" for index in range(VOCAB_SIZE)]
+    words = WORDS + NEXT_WORDS + [f"w{index}" for index in range(VOCAB_SIZE)]
     vocab = {token: index for index, token in enumerate((specials + words)[:IMAGE_TOKEN_ID])}
     vocab["<image>"] = IMAGE_TOKEN_ID
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -137,9 +176,11 @@ def build_tiny_processor(base: str = "llava"):
         pad_token="<pad>",
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],  # as LLaMA's tokenizer: no token_type_ids
+        chat_template=CHAT_TEMPLATES[base],
     )
     common = dict(
         tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATES[base],
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         image_token="<image>",
