@@ -1,7 +1,7 @@
 """The `sparse-llava` command.
 
-sparse-llava serve FOLDER_OR_REPO [flags of `transformers serve`]   serve a model with transformers' own server
-sparse-llava convert --base B --method M --output O [...]          convert a LLaVA checkpoint (= sparse-llava-convert)
+sparse-llava serve [FOLDER_OR_REPO] [flags of `transformers serve`]  serve with transformers' own server (--help)
+sparse-llava convert --base B --method M --output O [...]            convert a checkpoint (as sparse-llava-convert)
 """
 
 import sys

@@ -1,7 +1,7 @@
 """lmms-eval model plugin: `lmms-eval --model sparse_llava --model_args pretrained=FOLDER_OR_REPO,...`.
 
-lmms-eval finds it through the `lmms_eval.models` entry point this package declares (`pip install
-'sparse-llava[eval]'`). It evaluates sparse-llava folders and Hub repos, and dense llava-hf checkpoints for the
+lmms-eval finds it through the `lmms_eval.models` entry point this package declares
+(`sparse_llava.lmms_eval_entry_point`; `pip install 'sparse-llava[eval]'`). It evaluates sparse-llava folders and Hub repos, and dense llava-hf checkpoints for the
 baseline, and adds what each run cost to lmms-eval's results.
 
 Model arguments (`--model_args key=value,...`):
@@ -17,9 +17,10 @@ Model arguments (`--model_args key=value,...`):
 
 Prompts go through the checkpoint's chat template, one user turn holding the sample's images and `doc_to_text`.
 `generate_until` stops at the end-of-sequence token or `max_new_tokens` and cuts the answer at the task's `until`
-strings. `loglikelihood` scores the continuation after the templated prompt (summed log-probabilities, and whether
-greedy decoding would produce it); the continuation is scored as input text, so only the methods' prompt-time
-decisions (image tokens) apply to it.
+strings. `loglikelihood` (multiple-choice tasks) scores the continuation after the templated prompt (summed
+log-probabilities, and whether greedy decoding would produce it); the continuation is scored as input text, so only
+the methods' prompt-time decisions (image tokens) apply to it. lmms-eval 0.7's `output_type: loglikelihood` tasks
+cannot read their own results (they unpack a list of one pair as the pair); `multiple_choice` tasks work.
 
 The cost of every generated answer goes to lmms-eval's own per-model metrics, which its results file reports under
 `throughput` as means over samples (`avg_<name>`): `prefill_flops`, `kv_cache_bytes`, `image_tokens`,
@@ -34,17 +35,11 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from .evaluation import SampleCost, generate_with_cost, load_for_evaluation, user_turn_prompt
+from .lmms_eval_entry_point import MODEL_NAME
 
-MODEL_NAME = "sparse_llava"
 GENERATION_SETTINGS = {"until", "max_new_tokens", "temperature", "top_p", "do_sample", "num_beams"}
-
-
-def model_manifest() -> ModelManifest:
-    """What the `lmms_eval.models` entry point gives lmms-eval: the model name and the class implementing it."""
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.SparseLlavaLmms")
 
 
 class SparseLlavaLmms(lmms):
@@ -132,20 +127,25 @@ class SparseLlavaLmms(lmms):
                 results[index] = GenerationResult(text=text, token_counts=counts)
         return results
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """
+        Per request, `(summed log-probability of the continuation, whether greedy decoding gives it)`, in a
+        `GenerationResult`: lmms-eval 0.7 passes every model response through `unwrap_generation_output`, which turns
+        anything but a string or a `GenerationResult` into its `str()`, and the task could no longer read the pair.
+        """
+        results: list[GenerationResult | None] = [None] * len(requests)
         for batch in _batches(requests, self.batch_size, key=lambda args: args[4]):
             prompts, continuations, images = [], [], []
             for index in batch:
                 context, doc_to_target, doc_to_visual, doc_id, task, split = requests[index].args
                 doc = self.task_dict[task][split][doc_id]
-                continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+                continuation = str(doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc))
                 sample_images = self._visuals(doc_to_visual, doc_id, task, split)
                 prompts.append(user_turn_prompt(self.processor, context, len(sample_images)))
                 continuations.append(continuation)
                 images.append(sample_images)
             for index, score in zip(batch, self._score_continuations(prompts, continuations, images)):
-                results[index] = score
+                results[index] = GenerationResult(text=score)
         return results
 
     @torch.no_grad()

@@ -9,8 +9,10 @@ the class *names* of transformers' built-in Auto mappings. `make_classes_known_t
 * public API: `sparse_llava.register_auto_classes()` registers the configs and models with the Auto classes, so
   `AutoConfig` reads the folders without remote code;
 * private, transformers internals (checked by tests/test_serving.py, which fails clearly when upstream changes them):
-  - the model classes become attributes of the `transformers` module, which is what `getattr(transformers, ...)`
-    reads;
+  - the model classes become attributes of the `transformers` module object the server's model manager
+    (`transformers.cli.serving.model_manager`) reads them from with `getattr(transformers, ...)`. That object is not
+    always `sys.modules["transformers"]`: importing `transformers.processing_utils` runs transformers' `__init__` a
+    second time, which puts a fresh lazy module there, so both get the classes;
   - each model type is entered, with its class name, in
     `transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`, where the server looks the
     class name up to report the model as image-text-to-text. Registered classes are found by Auto mappings before
@@ -40,16 +42,22 @@ MODEL_CLASSES = {
 
 def make_classes_known_to_serve() -> None:
     """Let `transformers serve` load sparse-llava folders and report them as image-text-to-text (see module doc)."""
+    from transformers.cli.serving import model_manager
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     sparse_llava.register_auto_classes()
+    transformers_modules = {id(module): module for module in (model_manager.transformers, sys.modules["transformers"])}
     for model_type, model_class in MODEL_CLASSES.items():
-        setattr(transformers, model_class.__name__, model_class)
+        for module in transformers_modules.values():
+            setattr(module, model_class.__name__, model_class)
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type] = model_class.__name__
 
 
 def serve(arguments: list[str]) -> None:
-    """Run `transformers serve` with `arguments` (the model folder or Hub id first, then serve's own flags)."""
+    """
+    Run `transformers serve` with `arguments`: serve's own, a model folder or Hub id first to pin the server to that
+    model (without one, each request names its model, loaded on first use).
+    """
     if not IS_TRANSFORMERS_V5:
         raise SystemExit(
             f"sparse-llava serve runs transformers 5.x's server; this is transformers {transformers.__version__}"
@@ -58,8 +66,6 @@ def serve(arguments: list[str]) -> None:
 
     if not is_serve_available():
         raise SystemExit("sparse-llava serve needs transformers' serving extra: pip install 'sparse-llava[serve]'")
-    if not arguments or arguments[0].startswith("-"):
-        raise SystemExit("usage: sparse-llava serve FOLDER_OR_REPO [flags of `transformers serve`, see --help]")
     make_classes_known_to_serve()
     from transformers.cli.transformers import app
 

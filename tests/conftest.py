@@ -4,6 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,11 @@ def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path) -> Path:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def random_images(count: int, seed: int = 0, size=(12, 10)) -> list:
+    """`count` random RGB PIL images of `size` (height, width) pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")) for _ in range(count)]
