@@ -7,7 +7,10 @@ weights that did not load.
 
 import inspect
 import json
+import logging
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from sparse_llava.compat_transformers import CACHE_NAME, IS_TRANSFORMERS_V5, che
 from sparse_llava.tiny import tiny_inputs
 
 RELEASE = f"transformers {transformers.__version__}"
+# A Python whose transformers is outside the supported range (CI: a venv with 5.2.0).
+UNSUPPORTED_PYTHON = os.environ.get("SPARSE_LLAVA_UNSUPPORTED_PYTHON")
 
 
 def parameters(function) -> set[str]:
@@ -145,6 +150,28 @@ def test_the_installed_release_is_in_the_range():
     check_transformers_version(transformers.__version__)
 
 
+@pytest.mark.skipif(not UNSUPPORTED_PYTHON, reason="set SPARSE_LLAVA_UNSUPPORTED_PYTHON to a Python with 5.2.0")
+def test_an_unsupported_release_refuses_a_converted_folder(converted, tmp_path):
+    probe = (
+        "import sys\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        "AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+    )
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [UNSUPPORTED_PYTHON, "-c", probe, str(converted("llava"))], capture_output=True, text=True, env=environment
+    )
+    assert result.returncode != 0
+    version = subprocess.run(
+        [UNSUPPORTED_PYTHON, "-c", "import transformers; print(transformers.__version__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: sparse-llava supports transformers"), result.stderr
+    assert f"transformers {version} is installed" in last_line
+
+
 def test_cache_goes_by_the_installed_releases_name(converted):
     """Forward takes and returns the cache under the name generate() uses; both names work as input."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -171,12 +198,23 @@ def copy_cache(model, inputs):
         return model(**inputs, use_cache=True).cache
 
 
-def test_generate_causes_no_deprecation_warning(converted, capsys, recwarn):
+def test_generate_causes_no_deprecation_warning(converted, recwarn):
     model = AutoModelForImageTextToText.from_pretrained(converted("llava"), trust_remote_code=True).eval()
-    output = model.generate(**tiny_inputs("llava"), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert getattr(output, CACHE_NAME) is not None
-    printed = capsys.readouterr().err
-    assert "deprecated" not in printed, printed
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers says each deprecation once per process
+    try:
+        cache = model.new_cache()
+        model.generate(**tiny_inputs("llava"), max_new_tokens=3, do_sample=False, cache=cache)
+        output = model(**tiny_inputs("llava"), use_cache=True)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert cache.get_seq_length() > 0 and output.cache is not None
+    messages = [record.getMessage() for record in records]
+    assert not [message for message in messages if "deprecated" in message], messages
     assert not [warning for warning in recwarn if "deprecat" in str(warning.message).lower()]
 
 
