@@ -56,7 +56,7 @@ def test_cached_and_uncached_compute_the_same_sparsified_attention(base, convert
     uncached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
     assert cached.sequences.tolist() == uncached.tolist()
     # The decisions really were mixed: some generated tokens admitted, some not.
-    report = cached.cache.sparsity_report()
+    report = generated_cache(cached).sparsity_report()
     sparse = report[model.config.sparse_layer]
     assert all(0 < kept < seen for kept, seen in zip(sparse["output_text_kept"], sparse["output_text_seen"]))
     dense = report[0]
@@ -84,8 +84,8 @@ def test_padded_batch_equals_each_sample_alone_while_decoding(base, converted):
         )
         assert alone.sequences[0, -NEW_TOKENS:].tolist() == batched.sequences[row, -NEW_TOKENS:].tolist()
         for layer_idx in range(model.config.text_config.num_hidden_layers):
-            batched_stored = batched.cache.stored_tokens(layer_idx)[row]
-            assert int(alone.cache.stored_tokens(layer_idx)[0]) == int(batched_stored), layer_idx
+            batched_stored = generated_cache(batched).stored_tokens(layer_idx)[row]
+            assert int(generated_cache(alone).stored_tokens(layer_idx)[0]) == int(batched_stored), layer_idx
 
 
 def test_admission_follows_the_predictor(converted):
@@ -159,7 +159,7 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     model = text_sparse_model(converted, "llava")
     inputs = inputs_for("llava")
     first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-    cache = first.cache
+    cache = generated_cache(first)
     before = [cache.stored_tokens(i).clone() for i in range(4)]
     turn = torch.randint(4, 90, (2, 5))
     conversation = torch.cat([first.sequences, turn], dim=1)
@@ -176,12 +176,12 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     # layer; of the 3 tokens fed while generating turn 2, the full layers store all, the sparse ones what they admit.
     for layer_idx in range(4):
         after_turn = before[layer_idx] + 1 + 5
-        stored = second.cache.stored_tokens(layer_idx)
+        stored = generated_cache(second).stored_tokens(layer_idx)
         if layer_idx < model.config.sparse_layer:
             assert stored.tolist() == (after_turn + 3).tolist()
         else:
             assert (stored >= after_turn).all() and (stored <= after_turn + 3).all()
-    counts = second.cache.sparsity_report()[model.config.sparse_layer]
+    counts = generated_cache(second).sparsity_report()[model.config.sparse_layer]
     assert counts["output_text_seen"] == [NEW_TOKENS - 1 + 3] * 2
 
 
