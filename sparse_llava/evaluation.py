@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .compat_transformers import dtype_argument
+from .compat_transformers import CACHE_NAME, dtype_argument
 from .flops import flop_counter
 
 
@@ -186,7 +186,7 @@ class _SparseCacheSnapshots:
         self._handle = model.register_forward_hook(self._after_forward)
 
     def _after_forward(self, module, args, output):
-        cache = getattr(output, "past_key_values", None)
+        cache = getattr(output, CACHE_NAME, None)
         if cache is None or getattr(cache, "token_stats", None) is None:
             return
         self.counts.append(cache.token_stats.clone())
@@ -250,7 +250,7 @@ def generate_with_cost(
         if snapshots.counts:
             cost = _sparse_cost(snapshots, row, length, prompt_tokens[row], image_tokens[row])
         else:
-            cost = _dense_cost(model, output.past_key_values, length, prompt_tokens[row], image_tokens[row])
+            cost = _dense_cost(model, getattr(output, CACHE_NAME), length, prompt_tokens[row], image_tokens[row])
         generations.append(Generation(processor.decode(tokens, skip_special_tokens=True), tokens, cost))
     if measure_flops:
         for generation, prompt, sample_images in zip(generations, prompts, images):

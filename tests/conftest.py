@@ -25,6 +25,24 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _auto_class_registrations_end_with_their_test():
+    """
+    `sparse_llava.register_auto_classes()` (called by some tests, and by `load_for_evaluation`) changes transformers'
+    Auto mappings for the whole process: from then on, folders load with the installed classes even when a later
+    test asks for the folder's own code. Restore the mappings' registrations after each test (their private
+    `_extra_content`, where `register` puts them).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mappings = [CONFIG_MAPPING] + [auto_class._model_mapping for auto_class in sparse_llava.auto_model_classes()]
+    registered = [dict(mapping._extra_content) for mapping in mappings]
+    yield
+    for mapping, content in zip(mappings, registered, strict=True):
+        mapping._extra_content.clear()
+        mapping._extra_content.update(content)
+
+
 @pytest.fixture(scope="session")
 def base_checkpoints(tmp_path_factory):
     """`{(base, layout): (folder, model)}` for base in llava / llava_next and layout hub / flat."""

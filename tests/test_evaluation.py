@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_images
+from conftest import generated_cache, random_images
 
 from sparse_llava.evaluation import SampleCost, generate_with_cost, load_for_evaluation, user_turn_prompt
 from sparse_llava.flops import flop_counter
@@ -24,12 +24,12 @@ def ask(model, processor, questions, images, **settings):
     return generate_with_cost(model, processor, prompts, [[image] for image in images], **settings)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dense(base_checkpoints):
     return load_for_evaluation(str(base_checkpoints[("llava", "hub")][0]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dynamic(converted):
     return load_for_evaluation(str(converted("llava")))
 
@@ -72,8 +72,8 @@ def test_dynamic_llava_costs_match_its_cache(dynamic):
     inputs = processor(images=random_images(1), text=[prompt], return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert output.sequences[0, inputs["input_ids"].shape[1] :].tolist() == generation.token_ids
-    assert cost.kv_cache_bytes == output.past_key_values.memory_bytes()
-    report = output.past_key_values.sparsity_report()
+    assert cost.kv_cache_bytes == generated_cache(output).memory_bytes()
+    report = generated_cache(output).sparsity_report()
     assert cost.output_text_tokens_kept == [layer["output_text_kept"][0] for layer in report]
 
 
