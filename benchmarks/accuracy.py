@@ -162,12 +162,14 @@ def plot(rows: dict, path: str) -> None:
     if any(row["prefill_flops_ratio"] is None for row in rows.values()):
         raise SystemExit("--plot draws against prefill FLOPs: run without --no-flops")
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    names = display_names(rows)
+    names, labels_at = display_names(rows), {}
     for name, row in rows.items():
-        axis.scatter(row["prefill_flops_ratio"], row[accuracy_key])
-        axis.annotate(
-            names[name], (row["prefill_flops_ratio"], row[accuracy_key]), textcoords="offset points", xytext=(4, 4)
-        )
+        point = (row["prefill_flops_ratio"], row[accuracy_key])
+        axis.scatter(*point)
+        # Models at the same point (the base and a dense-equivalent variant) get their labels stacked.
+        stacked = labels_at.setdefault((round(point[0], 3), round(point[1], 3)), [])
+        axis.annotate(names[name], point, textcoords="offset points", xytext=(4, 4 + 11 * len(stacked)))
+        stacked.append(name)
     axis.set(xlabel="prefill FLOPs (x dense)", ylabel=accuracy_key.replace("_", " "), title="Accuracy against cost")
     axis.grid(alpha=0.3)
     figure.tight_layout()
