@@ -1,14 +1,14 @@
 """lmms-eval model plugin: `lmms-eval --model sparse_llava --model_args pretrained=FOLDER_OR_REPO,...`.
 
 lmms-eval finds it through the `lmms_eval.models` entry point this package declares
-(`sparse_llava.lmms_eval_entry_point`; `pip install 'sparse-llava[eval]'`). It evaluates sparse-llava folders and Hub repos, and dense llava-hf checkpoints for the
-baseline, and adds what each run cost to lmms-eval's results.
+(`sparse_llava.lmms_eval_entry_point`; `pip install 'sparse-llava[eval]'`). It evaluates sparse-llava folders and
+Hub repos, and dense llava-hf checkpoints for the baseline, and adds what each run cost to lmms-eval's results.
 
 Model arguments (`--model_args key=value,...`):
 
 * `pretrained` (required), `revision`;
-* `device` (default `cpu`; lmms-eval's `--device` sets it too), `dtype` (`auto`, `float32`, `bfloat16`, ...),
-  `attn_implementation`;
+* `device` (lmms-eval's `--device` sets it too; default `cuda` when there is one, else `cpu`), `dtype` (`auto`,
+  `float32`, `bfloat16`, ...), `attn_implementation`;
 * `batch_size` (lmms-eval's `--batch_size`): requests of one task with the same generation settings are batched,
   left-padded;
 * `trust_remote_code`: run the code a sparse-llava checkpoint carries instead of this installed package's;
@@ -72,7 +72,7 @@ class SparseLlavaLmms(lmms):
         self.model, self.processor = load_for_evaluation(
             str(pretrained),
             revision=revision,
-            device=device or "cpu",
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,

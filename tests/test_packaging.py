@@ -69,6 +69,8 @@ def test_installed_wheel_works_on_its_own(tmp_path):
         "print(model(**tiny_inputs('llava')).logits.shape)\n"
         "print(c.hub_code_files('modeling_dynamic_llava')[0])\n"
         "print(sparse_llava.resource_folder('hub_cards') / 'dynamic_llava.md')\n"
+        "from sparse_llava.metrics import METRIC_NAMES, METRICS_FOLDER as folder\n"
+        "print(*[folder / n / f'{n}.py' for n in METRIC_NAMES if (folder / n / f'{n}.py').is_file()])\n"
     )
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), PYTHONNOUSERSITE="1")
     # Run from an empty folder with the editable install hidden, so only the wheel's copy can be imported.
@@ -79,6 +81,8 @@ def test_installed_wheel_works_on_its_own(tmp_path):
     site = str(tmp_path / "site")
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(site) for line in (lines[0], lines[1], lines[3], lines[4])), lines
+    # The evaluate metric modules ship too (scripts in folders, not packages).
+    assert len(lines[5].split()) == 2 and all(path.startswith(site) for path in lines[5].split()), lines
     assert lines[2] == "torch.Size([2, 24, 99])"
 
 
