@@ -36,7 +36,11 @@ checks each one and fails with a message naming it when a release changes it:
 6. `transformers.cache_utils.DynamicLayer` as the base of `SparseCacheLayer` (its `keys`, `values`,
    `is_initialized`, `dtype`, `device` and `lazy_initialization`), and `Cache(layers=[...])`;
 7. `decoder_layer._gradient_checkpointing_func`, set by `gradient_checkpointing_enable()` (`checkpointed_call`);
-8. functions of transformers' model files: `apply_rotary_pos_emb`, `repeat_kv`, `rotate_half`
+8. the structure of transformers' Llama layers, which YOPO and p-MoD run piece by piece: `LlamaDecoderLayer`'s
+   `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp` and `gradient_checkpointing`; `LlamaAttention`'s
+   `q_proj`, `k_proj`, `v_proj`, `o_proj`, `head_dim`, `num_key_value_groups`, `scaling`, `config`; `LlamaMLP`'s
+   `gate_proj`, `up_proj`, `down_proj`, `act_fn`, `intermediate_size`;
+9. functions of transformers' model files: `apply_rotary_pos_emb`, `repeat_kv`, `rotate_half`
    (`models.llama.modeling_llama`), `image_size_to_num_patches`, `get_anyres_image_grid_shape`, `unpad_image`
    (`models.llava_next.modeling_llava_next`), and `LlavaModel.get_placeholder_mask`.
 

@@ -81,6 +81,24 @@ def test_hook_decoder_layer_and_attention_calls():
     )
 
 
+def test_hook_llama_layer_structure():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2)
+    layer = LlamaDecoderLayer(config, layer_idx=0)
+    expected = {
+        layer: ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "gradient_checkpointing"),
+        layer.self_attn: ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups", "scaling"),
+        layer.mlp: ("gate_proj", "up_proj", "down_proj", "act_fn", "intermediate_size"),
+    }
+    for module, names in expected.items():
+        missing = [name for name in names if not hasattr(module, name)]
+        assert not missing, f"{RELEASE}: {type(module).__name__} has no {missing}"
+    assert layer.self_attn.head_dim == 4 and layer.self_attn.num_key_value_groups == 2
+    assert layer.self_attn.scaling == pytest.approx(4**-0.5)
+
+
 def test_hook_cache_layer_base():
     from transformers.cache_utils import Cache, DynamicLayer
 
