@@ -42,7 +42,9 @@ def test_image_tokens_without_pixel_values(load, base):
         model(input_ids=text_ids(6, 2))
     first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     new_turn = torch.cat([first.sequences, text_ids(4, 2)], dim=1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones(2, new_turn.shape[1] - inputs["attention_mask"].shape[1])], 1)
+    mask = torch.cat(
+        [inputs["attention_mask"], torch.ones(2, new_turn.shape[1] - inputs["attention_mask"].shape[1])], 1
+    )
     second = model.generate(
         input_ids=new_turn, attention_mask=mask.long(), past_key_values=first.past_key_values, max_new_tokens=2
     )
