@@ -15,12 +15,15 @@ runs code from it (no `trust_remote_code`, no prompt).
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a source checkout: make the `sparse_llava` package importable.
@@ -375,9 +378,6 @@ def _read_original(base, revision, source_format, vision_tower, seed):
 
 def _load_weights(spec: Method, source, config, revision, base, brings_new_modules: bool):
     """Load `source` into the method's class and check that every parameter (but the method's new ones) was found."""
-    import pickle
-
-    from safetensors import SafetensorError
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()
@@ -387,17 +387,9 @@ def _load_weights(spec: Method, source, config, revision, base, brings_new_modul
         model, loading_info = spec.model_class.from_pretrained(
             source, config=config, revision=revision, output_loading_info=True
         )
-    except SafetensorError as error:
-        raise ConversionError(
-            f"cannot load the weights of {base!r}: a .safetensors file is truncated or corrupt ({_first_line(error)})"
-        ) from None
-    except pickle.UnpicklingError as error:
-        raise ConversionError(
-            f"cannot load the weights of {base!r}: its pickle (.bin) weights hold more than tensors, so they were "
-            f"refused without running them ({_first_line(error)})"
-        ) from None
-    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: e.g. torch cannot read a truncated .bin
-        raise ConversionError(f"cannot load the weights of {base!r}: {_first_line(error)}") from None
+    # RuntimeError: e.g. torch cannot read a truncated .bin; SafetensorError and UnpicklingError may come unwrapped.
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+        raise ConversionError(f"cannot load the weights of {base!r}: {_weights_problem(error)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     new_prefixes = () if brings_new_modules else tuple(f"{name}." for name in model.new_module_names)
@@ -409,6 +401,22 @@ def _load_weights(spec: Method, source, config, revision, base, brings_new_modul
             f"unexpected {unexpected[:5]}, mismatched {list(loading_info.get('mismatched_keys', []))[:5]}"
         )
     return model
+
+
+def _weights_problem(error: BaseException) -> str:
+    """What is wrong with a checkpoint's weight files, from the error transformers raised or the one it wrapped."""
+    chain = [error]
+    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for link in chain:
+        if isinstance(link, SafetensorError):
+            return f"a .safetensors file is truncated or corrupt ({_first_line(link)})"
+        if isinstance(link, pickle.UnpicklingError):
+            return (
+                "its pickle (.bin) weights hold more than tensors, so they were refused without running them "
+                f"({_first_line(link)})"
+            )
+    return _first_line(error)
 
 
 def _initialise_new_modules(model, seed: int) -> None:

@@ -213,12 +213,15 @@ def _is_current_file(fd: int, path: Path) -> bool:
 
 
 def _describe_owner(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        owner = json.loads(os.read(fd, 4096) or b"{}")
-        return f"pid {owner['pid']} on {owner['host']}, since {owner['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "owner unknown"
+    # The holder writes who it is right after taking the lock: give it a moment if it has not yet.
+    for _ in range(20):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            owner = json.loads(os.read(fd, 4096) or b"{}")
+            return f"pid {owner['pid']} on {owner['host']}, since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "owner unknown"
 
 
 def _remove(path: Path) -> None:
