@@ -68,6 +68,7 @@ from sparse_llava import (  # noqa: E402
     YopoConfig,
     YopoLlavaForConditionalGeneration,
 )
+from sparse_llava.compat_transformers import CACHE_NAME  # noqa: E402
 from sparse_llava.configuration_yopo import preset_settings  # noqa: E402
 from sparse_llava.flops import flop_counter  # noqa: E402
 
@@ -273,7 +274,7 @@ def measure_prefill(model, inputs, repeats, device) -> dict:
             synchronize(device)
             times.append(time.perf_counter() - start)
         result["prefill_time"] = statistics.median(times[1:])
-        cache = model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(model(**inputs, use_cache=True, logits_to_keep=1), CACHE_NAME)
         result["kv_bytes_prefill"] = kv_bytes(cache)
         result["kv_vision_bytes_prefill"] = vision_kv_bytes(cache, inputs)
     return result
@@ -312,11 +313,11 @@ def measure_decode(name, model, inputs, new_tokens, device) -> dict:
             elapsed = time.perf_counter() - start
         finally:
             handle.remove()
-        result[f"kv_bytes_{count}"] = kv_bytes(output.past_key_values)
+        result[f"kv_bytes_{count}"] = kv_bytes(getattr(output, CACHE_NAME))
         # Tokens after the first (which the prefill produces) over the time after the prefill.
         result[f"decode_tps_{count}"] = (count - 1) / (start + elapsed - prefill_end[0])
-        if hasattr(output.past_key_values, "sparsity_report"):
-            last = output.past_key_values.sparsity_report()[-1]
+        if hasattr(getattr(output, CACHE_NAME), "sparsity_report"):
+            last = getattr(output, CACHE_NAME).sparsity_report()[-1]
             result[f"output_keep_rate_{count}"] = last["output_text_kept"][0] / max(last["output_text_seen"][0], 1)
             result[f"image_keep_rate_{count}"] = last["image_kept"][0] / max(last["image_seen"][0], 1)
         print(f"  {name}: {count} new tokens in {elapsed:.1f} s", file=sys.stderr, flush=True)
@@ -334,7 +335,7 @@ def decode_trace(model, inputs, tokens: int) -> dict:
         if kwargs["input_ids"].shape[1] > 1:  # the prompt
             prefill_flops = counter.get_total_flops()
             return
-        steps["kv_bytes"].append(kv_bytes(output.past_key_values, stored_only=True))
+        steps["kv_bytes"].append(kv_bytes(getattr(output, CACHE_NAME), stored_only=True))
         steps["decode_flops"].append(counter.get_total_flops() - prefill_flops)
 
     handle = model.register_forward_hook(after_forward, with_kwargs=True)

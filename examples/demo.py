@@ -68,12 +68,14 @@ def main() -> None:
     images = [Image.fromarray((rng.random((24, 32, 3)) * 255).astype("uint8")) for _ in range(2)]
     prompts = ["USER: <image> What is in the image ? ASSISTANT:", "USER: <image> a cat ? ASSISTANT:"]
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    cache = model.new_cache()  # generate() would make one; passing it keeps it at hand afterwards
+    output = model.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, do_sample=False, cache=cache, return_dict_in_generate=True
+    )
     prompt_length = inputs["input_ids"].shape[1]
     for prompt, tokens in zip(prompts, output.sequences[:, prompt_length:]):
         print(f"   {prompt!r} -> {processor.decode(tokens, skip_special_tokens=True)!r} (random weights)")
 
-    cache = output.past_key_values
     image_tokens = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1).tolist()
     print(
         f"\nKV cache after generation (prompt: {inputs['attention_mask'].sum(-1).tolist()} tokens per row, "

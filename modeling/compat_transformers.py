@@ -1,6 +1,10 @@
-"""What differs between the two transformers lines sparse-llava runs on: 4.57.x and 5.x.
+"""What differs between the transformers releases sparse-llava runs on, and every private transformers API it uses.
 
-The other files are written against 5.x; the few places where 4.57 works differently go through this module:
+Supported: 4.57.x, and 5.15 up to the newest 5.x (CI tests 4.57, 5.15, a release in the middle and the newest). The
+flat files check the installed release when they are imported (`check_transformers_version`): outside that range
+they refuse with one line; newer than the newest tested release, they warn once and carry on.
+
+The other files are written against 5.x; where releases differ, they go through this module:
 
 * weight names: both lines rename llava-hf checkpoint keys (`language_model.model.*`, `vision_tower.*`, ...) on load,
   5.x through its conversion-mapping registry, 4.57 through the class attribute `_checkpoint_conversion_mapping`;
@@ -11,7 +15,38 @@ The other files are written against 5.x; the few places where 4.57 works differe
 * generation: 4.57's `generate` passes `cache_position` and the images on every step;
 * `from_pretrained`: 5.x names the dtype `dtype`, 4.57 `torch_dtype`;
 * training arguments: 5.x takes the warm-up fraction as `warmup_steps` (4.57: `warmup_ratio`) and renamed
-  `gradient_checkpointing` to `activation_checkpointing`.
+  `gradient_checkpointing` to `activation_checkpointing`;
+* the cache's name: 5.24 renamed `past_key_values` to `cache` in model forwards, outputs, decoder layers, mask
+  utilities and `generate` (the old name is deprecated until 5.40); `CACHE_NAME` is the installed release's.
+
+Private transformers APIs sparse-llava relies on (no public equivalent exists); `tests/test_transformers_hooks.py`
+checks each one and fails with a message naming it when a release changes it:
+
+1. `transformers.conversion_mapping.register_checkpoint_conversion_mapping` / `get_checkpoint_conversion_mapping`
+   (5.x): key renaming on load for custom classes (`register_checkpoint_keys`);
+2. `PreTrainedModel._checkpoint_conversion_mapping` (4.57): the same on 4.57;
+3. `config._attn_implementation`: the attention backend a config is set to (`attention_backend`);
+4. `create_causal_mask(..., layer_idx=, and_mask_function=, allow_is_causal_skip=)` and the cache's
+   `get_query_offset(layer_idx)` / layer `get_mask_sizes(query_length)` it calls (5.15+): masks sized per layer, in
+   the layer's physical slots (`create_layer_causal_mask`); on 4.57 `ALL_MASK_ATTENTION_FUNCTIONS`, `and_masks` and
+   `causal_mask_function` of `transformers.masking_utils`;
+5. the decoder layer's call, `LlamaDecoderLayer(hidden_states, attention_mask, <CACHE_NAME>=, use_cache=,
+   position_embeddings=)`, and its attention's, `LlamaAttention(hidden_states, position_embeddings, attention_mask,
+   <CACHE_NAME>=) -> (output, weights)`, which call `cache.update(keys, values, layer_idx, ...)`;
+6. `transformers.cache_utils.DynamicLayer` as the base of `SparseCacheLayer` (its `keys`, `values`,
+   `is_initialized`, `dtype`, `device` and `lazy_initialization`), and `Cache(layers=[...])`;
+7. `decoder_layer._gradient_checkpointing_func`, set by `gradient_checkpointing_enable()` (`checkpointed_call`);
+8. the structure of transformers' Llama layers, which YOPO and p-MoD run piece by piece: `LlamaDecoderLayer`'s
+   `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp` and `gradient_checkpointing`; `LlamaAttention`'s
+   `q_proj`, `k_proj`, `v_proj`, `o_proj`, `head_dim`, `num_key_value_groups`, `scaling`, `config`; `LlamaMLP`'s
+   `gate_proj`, `up_proj`, `down_proj`, `act_fn`, `intermediate_size`;
+9. functions of transformers' model files: `apply_rotary_pos_emb`, `repeat_kv`, `rotate_half`
+   (`models.llama.modeling_llama`), `image_size_to_num_patches`, `get_anyres_image_grid_shape`, `unpad_image`
+   (`models.llava_next.modeling_llava_next`), and `LlavaModel.get_placeholder_mask`.
+
+Overridden, as transformers documents for custom models: `PreTrainedModel._init_weights` and the class attributes
+`_tied_weights_keys`, `_no_split_modules`, `_skip_keys_device_placement`, `_supports_*`;
+`GenerationMixin.prepare_inputs_for_generation` and `generate`.
 """
 
 import dataclasses
@@ -19,10 +54,42 @@ import inspect
 
 import torch
 import transformers
-from transformers import LlavaNextConfig
-from transformers.masking_utils import create_causal_mask
+from packaging.version import Version
+from transformers.utils import logging
+
+# Checked before anything else here touches transformers: a converted folder runs these files in the user's
+# environment, on whatever release is installed there.
+SUPPORTED_TRANSFORMERS = "4.57.x or 5.15 and later 5.x"
+NEWEST_TESTED_TRANSFORMERS = (5, 24)
+
+
+def check_transformers_version(version: str) -> None:
+    """Refuse a transformers release outside the supported range; warn once about one newer than the newest tested."""
+    release = Version(version).release[:2]
+    if not (release == (4, 57) or (5, 15) <= release < (6, 0)):
+        raise ImportError(
+            f"sparse-llava supports transformers {SUPPORTED_TRANSFORMERS}, but transformers {version} is installed: "
+            f"pip install 'transformers>=5.15,<6'"
+        )
+    if release > NEWEST_TESTED_TRANSFORMERS:
+        newest = ".".join(map(str, NEWEST_TESTED_TRANSFORMERS))
+        logging.get_logger("sparse_llava").warning_once(
+            f"sparse-llava was tested up to transformers {newest}.x; transformers {version} is newer, carrying on"
+        )
+
+
+check_transformers_version(transformers.__version__)
+
+from transformers import LlavaNextConfig  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
 
 IS_TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+# The keyword transformers passes the KV cache under (to decoder layers, attention, masks, model forwards and
+# outputs). Read off the decoder layer's signature rather than the version number, so a back-port or a renamed
+# release is seen as it is.
+CACHE_NAME = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 
 if IS_TRANSFORMERS_V5:
     from transformers.conversion_mapping import (
@@ -110,6 +177,20 @@ def config_fields(config_class) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def attention_backend(config) -> str:
+    """The attention implementation a (text) config is set to ("eager", "sdpa", "flash_attention_2", ...)."""
+    return config._attn_implementation
+
+
+def checkpointed_call(decoder_layer, function, *args):
+    """
+    `function(*args)` under the activation checkpointing `gradient_checkpointing_enable()` set up for
+    `decoder_layer` (with its arguments, e.g. `use_reentrant`), for methods that call a layer's sub-modules
+    themselves and so bypass the checkpointing wrapper of the layer's `__call__`.
+    """
+    return decoder_layer._gradient_checkpointing_func(function, *args)
+
+
 def per_image_features(llava_model, **kwargs) -> tuple[torch.Tensor, ...]:
     """`LlavaModel` / `LlavaNextModel.get_image_features(**kwargs)` as one `[tokens, hidden]` tensor per image."""
     if IS_TRANSFORMERS_V5:
@@ -129,14 +210,14 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
             config=config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             layer_idx=layer_idx,
             and_mask_function=and_mask_function,
             allow_is_causal_skip=skip_allowed,
         )
     # 4.57's `create_causal_mask` asks the cache for layer 0's sizes only and always allows the skip, so call the
     # mask function of the attention backend, as it does, with this layer's sizes.
-    if config._attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+    if attention_backend(config) not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None  # a backend without masks (as `create_causal_mask` does)
     query_length = inputs_embeds.shape[1]
     query_offset = 0 if cache is None else cache.get_query_offset(layer_idx)
@@ -144,7 +225,7 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
     mask_function = causal_mask_function
     if and_mask_function is not None:
         mask_function = and_masks(causal_mask_function, and_mask_function)
-    return ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation](
+    return ALL_MASK_ATTENTION_FUNCTIONS[attention_backend(config)](
         batch_size=inputs_embeds.shape[0],
         cache_position=torch.arange(query_offset, query_offset + query_length, device=inputs_embeds.device),
         kv_length=kv_length,

@@ -135,7 +135,7 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     image keeps its top `floor(n * config.vision_keep_ratio)` tokens (for LLaVA-NeXT an image's tokens are its base
     tile, high-resolution tiles and newline tokens). System and instruction tokens are never dropped. Layers from
     `sparse_layer` on run on the shortened sequence, so the KV cache of those layers holds only kept tokens; look at
-    `past_key_values.stored_tokens(layer_idx)`.
+    `cache.stored_tokens(layer_idx)`.
 
     During decoding (`config.text_sparsification`), the output-text predictor reads each generated token at the same
     layer. Without a cache, past generated tokens it drops leave the sequence of layers `>= sparse_layer` (the newest

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .cache_sparse_llava import SparseCache
+from .compat_transformers import CACHE_NAME, checkpointed_call
 from .configuration_pmod import PMoDConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_slots
 
@@ -48,8 +49,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     """
     p-MoD over a LLaVA-1.5 or LLaVA-NeXT base: vision tokens skip whole decoder layers in the layers listed in
     `config.mod_layers`, keeping `kept_token_count(n, config.retention_ratio(layer))` of each sample's `n` routed
-    tokens.
-    `past_key_values.stored_tokens(layer_idx)` shows what each layer holds.
+    tokens. `cache.stored_tokens(layer_idx)` shows what each layer holds.
     """
 
     config_class = PMoDConfig
@@ -111,8 +111,8 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         block = partial(self.kept_tokens_block, decoder_layer, cache=cache, **kwargs)
         if decoder_layer.gradient_checkpointing and self.training and cache is None:
             # The layer's own checkpointing wrapper is bypassed here (its sub-modules are called), so apply it.
-            kept_output = decoder_layer._gradient_checkpointing_func(
-                block, kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings
+            kept_output = checkpointed_call(
+                decoder_layer, block, kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings
             )
         else:
             kept_output = block(kept.hidden_states, kept_weight, attention_mask, *kept.position_embeddings)
@@ -126,7 +126,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         attention, _ = decoder_layer.self_attn(
             hidden_states=decoder_layer.input_layernorm(hidden_states),
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             position_embeddings=(cos, sin),
             **kwargs,
         )

@@ -25,6 +25,8 @@ from transformers.utils import logging
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
 from .compat_transformers import (
+    CACHE_NAME,
+    attention_backend,
     create_layer_causal_mask,
     generation_step_inputs,
     per_image_features,
@@ -49,7 +51,8 @@ class SparseLlavaOutput(ModelOutput):
     Args:
         loss: language-modelling loss, when `labels` are given.
         logits: `[batch, sequence, vocab]` for the positions of the input (those a method dropped get zeros).
-        past_key_values: the [`SparseCache`], when `use_cache`.
+        cache: the [`SparseCache`], when `use_cache` (named `past_key_values` on transformers < 5.24, where `cache`
+            reads it too).
         image_hidden_states: projected image features, one row per image token (all images concatenated).
         token_counts: per decoder layer, per row, the image and output-text tokens this forward kept versus saw
             (kept = run through the layer and, with a cache, stored in it); see `sparsity_report()`.
@@ -59,7 +62,12 @@ class SparseLlavaOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: SparseCache | None = None
+    # The field carries the installed transformers' name for it, the one `generate()` reads back.
+    if CACHE_NAME == "cache":
+        cache: SparseCache | None = None
+    else:
+        past_key_values: SparseCache | None = None
+        cache = property(lambda self: self.past_key_values)
     image_hidden_states: torch.FloatTensor | None = None
     token_counts: list[dict[str, torch.Tensor]] | None = None
     loss_terms: dict[str, torch.Tensor] | None = None
@@ -174,6 +182,14 @@ def scatter_slots(
     return padded.scatter(dim, index.expand(values.shape), values).narrow(dim, 0, length)
 
 
+def take_cache_argument(kwargs: dict):
+    """Pop the cache from keyword arguments, passed as `cache` or as `past_key_values` (its name before 5.24)."""
+    caches = [cache for cache in (kwargs.pop("cache", None), kwargs.pop("past_key_values", None)) if cache is not None]
+    if len(caches) > 1:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return caches[0] if caches else None
+
+
 def locate_image_tokens(special_image_mask: torch.Tensor, image_lengths: list[int]):
     """
     For each position, `[batch, seq]` the index of the image it belongs to and its offset within that image (both -1
@@ -199,13 +215,41 @@ class SparseLlavaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
     # The loss may include per-batch regularisers, so it is a mean over the batch, not a sum to be divided by the
     # Trainer's token count: the Trainer must average it over gradient-accumulation steps and processes itself.
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, *args, new_modules_from_scratch: bool = False, **kwargs):
+        r"""
+        transformers' `from_pretrained`, except that a model whose weights did not all load is never returned: a weight
+        missing from the checkpoint, unexpected in it, or of another shape raises a `ValueError` naming the first few.
+
+        new_modules_from_scratch (`bool`, *optional*, defaults to `False`):
+            Allow the weights of the method's new modules (`new_module_names`, e.g. Dynamic-LLaVA's predictors) to be
+            missing, as they are from a base LLaVA checkpoint; they keep their initialisation. The conversion uses it.
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        allowed_missing = tuple(f"{name}." for name in model.new_module_names) if new_modules_from_scratch else ()
+        problems = {
+            "missing": sorted(key for key in loading_info["missing_keys"] if not key.startswith(allowed_missing)),
+            "unexpected": sorted(loading_info["unexpected_keys"]),
+            # 5.x reports (key, checkpoint shape, model shape), 4.57 the key alone.
+            "mismatched": sorted(
+                entry if isinstance(entry, str) else entry[0] for entry in loading_info.get("mismatched_keys", [])
+            ),
+        }
+        if any(problems.values()):
+            found = "; ".join(f"{kind}: {', '.join(keys[:5])}" for kind, keys in problems.items() if keys)
+            raise ValueError(
+                f"the checkpoint does not fit {cls.__name__} ({found}); refusing to run with weights that did not load"
+            )
+        return (model, loading_info) if wants_loading_info else model
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -262,20 +306,30 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         """The cache `generate()` creates for this model."""
         return SparseCache(config=self.config)
 
-    def generate(self, inputs=None, *args, **kwargs):
-        self.check_generation_options(kwargs)
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        self.check_generation_options(generation_config, kwargs)
         # Tell forward where the generated tokens start, so only they are candidates for output-text dropping.
         if kwargs.get("output_token_start") is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             if prompt is not None:
                 kwargs["output_token_start"] = prompt.shape[1]
-        return super().generate(inputs, *args, **kwargs)
+        # generate() would create a DynamicCache, which cannot hold ragged layers: hand it ours, under the name the
+        # installed transformers uses (a cache the caller passed keeps its place, under either name).
+        cache = take_cache_argument(kwargs)
+        settings = generation_config if generation_config is not None else self.generation_config
+        use_cache = kwargs.get("use_cache", settings.use_cache)
+        cache_implementation = kwargs.get("cache_implementation", settings.cache_implementation)
+        if cache is None and use_cache is not False and cache_implementation is None:
+            cache = self.new_cache()
+        if cache is not None:
+            kwargs[CACHE_NAME] = cache
+        return super().generate(inputs, generation_config, **kwargs)
 
-    def check_generation_options(self, generate_kwargs: dict) -> None:
+    def check_generation_options(self, generation_config, generate_kwargs: dict) -> None:
         """Refuse the generation modes a [`SparseCache`] cannot serve, before generate() fails somewhere inside."""
-        generation_config = generate_kwargs.get("generation_config") or self.generation_config
+        settings = generation_config if generation_config is not None else self.generation_config
         for option in CACHE_ROLLBACK_OPTIONS:
-            if generate_kwargs.get(option) is not None or getattr(generation_config, option, None) is not None:
+            if generate_kwargs.get(option) is not None or getattr(settings, option, None) is not None:
                 raise ValueError(
                     f"generate({option}=...): assisted / speculative decoding is not supported by sparse-llava "
                     "models. It rolls the cache back past rejected draft tokens, and a SparseCache cannot be cropped: "
@@ -284,17 +338,6 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs))
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate() would create a DynamicCache, which cannot hold ragged layers; create ours instead.
-        if (
-            model_kwargs.get("past_key_values") is None
-            and generation_config.use_cache is not False
-            and generation_config.cache_implementation is None
-        ):
-            model_kwargs["past_key_values"] = self.new_cache()
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward, top to bottom: embed text and images, run the decoder layers, predict.
@@ -306,7 +349,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: SparseCache | None = None,
+        cache: SparseCache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -315,9 +358,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         output_token_start: int | None = None,
+        past_key_values: SparseCache | None = None,
         **kwargs,
     ) -> SparseLlavaOutput:
         r"""
+        cache (`SparseCache`, *optional*):
+            The KV cache to continue from and write to. `past_key_values` is its name on transformers < 5.24 (and
+            still accepted).
         output_token_start (`int`, *optional*):
             Input column (logical position in the conversation) where generated output begins; tokens from there on
             are candidates for output-text dropping, tokens before it (system prompt, instructions, earlier turns)
@@ -336,15 +383,16 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             # The checkpointed layers would not write their K/V, leaving the cache inconsistent across layers.
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
-        if past_key_values is not None and not isinstance(past_key_values, SparseCache):
+        cache = take_cache_argument({"cache": cache, "past_key_values": past_key_values})
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None and not isinstance(cache, SparseCache):
             raise TypeError(
                 f"sparse-llava models need a SparseCache (layers hold different numbers of tokens), got "
-                f"{type(past_key_values).__name__}; pass none and one is created, or pass model.new_cache()"
+                f"{type(cache).__name__}; pass none and one is created, or pass model.new_cache()"
             )
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         inputs_embeds, image_location, image_lengths, image_features = self.embed_inputs(
             input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
@@ -353,7 +401,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             inputs_embeds,
             attention_mask,
             position_ids,
-            past_key_values,
+            cache,
             image_location,
             image_lengths,
             image_sizes,
@@ -361,7 +409,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         )
         if labels is not None:
             stream = replace(stream, labels=labels.to(stream.valid.device))
-        stream, token_counts = self.run_decoder(stream, past_key_values, **kwargs)
+        stream, token_counts = self.run_decoder(stream, cache, **kwargs)
         hidden_states = self.language_model.norm(stream.hidden_states)
         hidden_states = self.restore_input_positions(hidden_states, stream, inputs_embeds.shape[1])
 
@@ -375,7 +423,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         return SparseLlavaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             image_hidden_states=image_features,
             token_counts=token_counts,
             loss_terms=loss_terms,
@@ -552,7 +600,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         return decoder_layer(
             stream.hidden_states,
             attention_mask,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             use_cache=cache is not None,
             position_embeddings=stream.position_embeddings,
             **kwargs,
@@ -607,7 +655,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         reaches p. It is computed as the additive float mask `log(G + eps)`, which eager and SDPA attention take as is
         (eps plays the role of the reference's, keeping the gradient finite where p = 0).
         """
-        attn_implementation = self.config.get_text_config()._attn_implementation
+        attn_implementation = attention_backend(self.config.get_text_config())
         if cache is not None or attn_implementation not in ("eager", "sdpa"):
             raise ValueError(
                 "a keep policy (training forward) needs attn_implementation 'eager' or 'sdpa' and no cache, got "

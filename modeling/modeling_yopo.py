@@ -27,6 +27,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
+from .compat_transformers import checkpointed_call
 from .configuration_yopo import YopoConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, gather_slots, scatter_slots
 
@@ -289,7 +290,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
                         layer_idx, decoder_layer, replace(stream, hidden_states=hidden_states), layout, None
                     )
 
-                return decoder_layer._gradient_checkpointing_func(checkpointed, stream.hidden_states)
+                return checkpointed_call(decoder_layer, checkpointed, stream.hidden_states)
             return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
         if cache is not None and plan.pruned_heads and cache.layers[layer_idx].holds_images:
             # A text-only chunk reading cached vision keys that some heads must not see.

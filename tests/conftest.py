@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import sparse_llava  # noqa: E402
+from sparse_llava.compat_transformers import CACHE_NAME  # noqa: E402
 from sparse_llava.tiny import build_tiny_llava  # noqa: E402
 
 # Small predictors keep the tiny models tiny; the structure is the paper's.
@@ -75,6 +76,11 @@ def converted_pmod(base_checkpoints, tmp_path_factory):
 def converted_yopo(base_checkpoints, tmp_path_factory):
     """`converted_yopo(base, **overrides)` -> a YOPO conversion of the tiny base (memoised)."""
     return memoised_conversions(base_checkpoints, tmp_path_factory.mktemp("converted_yopo"), "yopo")
+
+
+def generated_cache(output):
+    """The cache `generate(..., return_dict_in_generate=True)` returned, under the installed transformers' name."""
+    return getattr(output, CACHE_NAME)
 
 
 def fill_hub_cache(hub_cache: Path, repo_id: str, folder: Path) -> Path:

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import load_dynamic
+from conftest import generated_cache, load_dynamic
 from test_dynamic_llava_prefill import inputs_for, row_alone, spread_predictor_scores
+from transformers.cache_utils import Cache
 
 from sparse_llava.cache_sparse_llava import SparseCache, write_token
-from sparse_llava.compat_transformers import IS_TRANSFORMERS_V5
 
 NEW_TOKENS = 12
 
@@ -56,7 +56,7 @@ def test_cached_and_uncached_compute_the_same_sparsified_attention(base, convert
     uncached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
     assert cached.sequences.tolist() == uncached.tolist()
     # The decisions really were mixed: some generated tokens admitted, some not.
-    report = cached.past_key_values.sparsity_report()
+    report = generated_cache(cached).sparsity_report()
     sparse = report[model.config.sparse_layer]
     assert all(0 < kept < seen for kept, seen in zip(sparse["output_text_kept"], sparse["output_text_seen"]))
     dense = report[0]
@@ -84,8 +84,8 @@ def test_padded_batch_equals_each_sample_alone_while_decoding(base, converted):
         )
         assert alone.sequences[0, -NEW_TOKENS:].tolist() == batched.sequences[row, -NEW_TOKENS:].tolist()
         for layer_idx in range(model.config.text_config.num_hidden_layers):
-            batched_stored = batched.past_key_values.stored_tokens(layer_idx)[row]
-            assert int(alone.past_key_values.stored_tokens(layer_idx)[0]) == int(batched_stored), layer_idx
+            batched_stored = generated_cache(batched).stored_tokens(layer_idx)[row]
+            assert int(generated_cache(alone).stored_tokens(layer_idx)[0]) == int(batched_stored), layer_idx
 
 
 def test_admission_follows_the_predictor(converted):
@@ -98,12 +98,12 @@ def test_admission_follows_the_predictor(converted):
     )
     with torch.no_grad():
         prefill = model(**inputs, use_cache=True)
-    prompt_stored = [prefill.past_key_values.stored_tokens(i).clone() for i in range(4)]
+    prompt_stored = [prefill.cache.stored_tokens(i).clone() for i in range(4)]
     output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
     handle.remove()
     admitted = torch.cat(decisions, dim=1).sum(-1)  # one decision per fed generated token
     assert torch.cat(decisions, dim=1).shape[1] == NEW_TOKENS - 1
-    cache = output.past_key_values
+    cache = generated_cache(output)
     for layer_idx in range(4):
         stored = cache.stored_tokens(layer_idx)
         if layer_idx < model.config.sparse_layer:
@@ -117,7 +117,7 @@ def test_memory_bytes_is_what_the_stored_tokens_imply(converted):
     output = model.generate(
         **inputs_for("llava"), max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True
     )
-    cache = output.past_key_values
+    cache = generated_cache(output)
     text = model.config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
     bytes_per_token = 2 * text.num_key_value_heads * head_dim * 4  # keys and values, float32
@@ -147,8 +147,8 @@ def test_beam_search_cached_equals_uncached(converted):
 def test_modes_that_roll_back_the_cache_fail_clearly(converted):
     model = text_sparse_model(converted, "llava")
     with torch.no_grad():
-        cache = model(**inputs_for("llava"), use_cache=True).past_key_values
-    if IS_TRANSFORMERS_V5:  # 5.x's generate reads it before rolling back a cache (4.57 has no such flag)
+        cache = model(**inputs_for("llava"), use_cache=True).cache
+    if hasattr(Cache, "is_croppable"):  # newer generate()s read it before rolling back a cache
         assert not cache.is_croppable
     cache.crop(0)  # nothing to remove: fine
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
@@ -159,7 +159,7 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     model = text_sparse_model(converted, "llava")
     inputs = inputs_for("llava")
     first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = generated_cache(first)
     before = [cache.stored_tokens(i).clone() for i in range(4)]
     turn = torch.randint(4, 90, (2, 5))
     conversation = torch.cat([first.sequences, turn], dim=1)
@@ -167,7 +167,7 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     second = model.generate(
         input_ids=conversation,
         attention_mask=attention_mask,
-        past_key_values=cache,
+        cache=cache,
         max_new_tokens=4,
         do_sample=False,
         return_dict_in_generate=True,
@@ -176,12 +176,12 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     # layer; of the 3 tokens fed while generating turn 2, the full layers store all, the sparse ones what they admit.
     for layer_idx in range(4):
         after_turn = before[layer_idx] + 1 + 5
-        stored = second.past_key_values.stored_tokens(layer_idx)
+        stored = generated_cache(second).stored_tokens(layer_idx)
         if layer_idx < model.config.sparse_layer:
             assert stored.tolist() == (after_turn + 3).tolist()
         else:
             assert (stored >= after_turn).all() and (stored <= after_turn + 3).all()
-    counts = second.past_key_values.sparsity_report()[model.config.sparse_layer]
+    counts = generated_cache(second).sparsity_report()[model.config.sparse_layer]
     assert counts["output_text_seen"] == [NEW_TOKENS - 1 + 3] * 2
 
 
@@ -210,7 +210,7 @@ def test_cache_batch_operations_keep_rows_consistent(converted):
     model = text_sparse_model(converted, "llava")
     inputs = inputs_for("llava")
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True).cache
     stored = [cache.stored_tokens(i).clone() for i in range(4)]
     cache.batch_repeat_interleave(2)
     assert cache.stored_tokens(3).tolist() == stored[3].repeat_interleave(2).tolist()
@@ -252,7 +252,7 @@ def test_teacher_forcing_equals_token_by_token_decoding(converted, use_cache):
         **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
     )
     step_logits = torch.stack(steps.logits, dim=1)  # [batch, NEW_TOKENS, vocab]: logits that chose each token
-    assert steps.past_key_values.sparsity_report()[2]["output_text_kept"] != [NEW_TOKENS - 1] * 2
+    assert generated_cache(steps).sparsity_report()[2]["output_text_kept"] != [NEW_TOKENS - 1] * 2
     sequence = steps.sequences[:, :-1]
     attention_mask = torch.cat([inputs["attention_mask"], torch.ones(2, NEW_TOKENS - 1, dtype=torch.long)], dim=1)
     with torch.no_grad():

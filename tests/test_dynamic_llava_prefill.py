@@ -58,7 +58,7 @@ def test_default_setting_shortens_layers_from_sparse_layer(base, converted):
     model = load_dynamic(converted(base))
     inputs = inputs_for(base)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True).cache
     valid = inputs["attention_mask"].bool()
     is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
     text_tokens = (valid & ~is_image).sum(-1)
@@ -144,7 +144,7 @@ def test_several_images_per_sample(converted):
     with torch.no_grad():
         cache = model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=True
-        ).past_key_values
+        ).cache
         captured = {}
         original = model.select_image_tokens
 

@@ -30,7 +30,7 @@ def test_fastv_keeps_the_most_attended_half_of_the_image(base_checkpoints):
 
     model.before_layer = capture
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True).cache
         attentions = base_model(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
     base_model.set_attn_implementation("sdpa")
     last_row = attentions[:, :, -1].mean(1)  # [batch, keys]: the last prompt token, averaged over heads

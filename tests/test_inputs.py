@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import generated_cache
 
 import sparse_llava
 from sparse_llava.tiny import IMAGE_TOKEN_ID, tiny_inputs
@@ -46,7 +47,7 @@ def test_image_tokens_without_pixel_values(load, base):
         [inputs["attention_mask"], torch.ones(2, new_turn.shape[1] - inputs["attention_mask"].shape[1])], 1
     )
     second = model.generate(
-        input_ids=new_turn, attention_mask=mask.long(), past_key_values=first.past_key_values, max_new_tokens=2
+        input_ids=new_turn, attention_mask=mask.long(), cache=generated_cache(first), max_new_tokens=2
     )
     assert second.shape == (2, new_turn.shape[1] + 2) and torch.equal(second[:, : new_turn.shape[1]], new_turn)
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import generated_cache
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
@@ -43,7 +44,7 @@ def test_half_precision_loading(dtype, converted):
     inputs = tiny_inputs("llava")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     output = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    assert output.past_key_values.layers[3].keys.dtype == dtype
+    assert generated_cache(output).layers[3].keys.dtype == dtype
     assert output.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
 
 

@@ -92,3 +92,34 @@ def _without_editable(probe: str) -> str:
         f"sys.path.extend({paths!r})\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n" + probe
     )
+
+
+def test_the_supported_transformers_range_is_stated_alike_everywhere():
+    """pyproject.toml's requirement admits exactly the releases the flat code's gate accepts; README and cards agree."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    from sparse_llava.compat_transformers import SUPPORTED_TRANSFORMERS, check_transformers_version
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (requirement,) = [Requirement(entry) for entry in dependencies if entry.startswith("transformers")]
+    for minor in range(50, 58):  # the 4.x line ended with 4.57
+        for version in (f"4.{minor}.0", f"4.{minor}.3"):
+            assert_agree(requirement, check_transformers_version, version)
+    for minor in range(0, 40):
+        assert_agree(requirement, check_transformers_version, f"5.{minor}.1")
+    for version in ("6.0.0", "3.9.0"):
+        assert_agree(requirement, check_transformers_version, version)
+    assert "4.57.x, or 5.15 and later 5.x" in (REPO / "README.md").read_text()
+    assert SUPPORTED_TRANSFORMERS == "4.57.x or 5.15 and later 5.x"
+    for card in (REPO / "hub_cards").glob("*.md"):
+        assert "Requires transformers 4.57.x or 5.15 and later 5.x" in card.read_text(), card.name
+
+
+def assert_agree(requirement, check, version):
+    try:
+        check(version)
+        accepted = True
+    except ImportError:
+        accepted = False
+    assert requirement.specifier.contains(version) == accepted, version

@@ -134,7 +134,7 @@ def test_each_layer_stores_floor_n_times_retention(base, deep_bases):
     model = pmod_from(deep_bases[base])
     inputs = inputs_for(base)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = model(**inputs, use_cache=True).cache
     valid = inputs["attention_mask"].bool()
     is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
     text, vision = (valid & ~is_image).sum(-1), is_image.sum(-1)
@@ -211,7 +211,7 @@ def test_cost_near_the_papers_ratios(tmp_path):
     assert 0.52 <= ratio <= 0.62, ratio  # paper: 55.6% (NeXT), 58.7% (1.5)
     vision = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
     text = inputs["input_ids"].shape[1] - vision
-    stored_vision = sum(int(output.past_key_values.stored_tokens(i)[0]) - text for i in range(32))
+    stored_vision = sum(int(output.cache.stored_tokens(i)[0]) - text for i in range(32))
     assert stored_vision / (32 * vision) == pytest.approx(0.5375, abs=0.02)  # paper: 53.8% of the vision KV
 
 
@@ -238,7 +238,7 @@ def test_sparsity_report_counts_skipped_tokens(deep_bases):
     for layer_idx, counts in enumerate(output.sparsity_report()):
         kept = [reference_kept(int(n), model.config.retention_ratio(layer_idx)) for n in vision]
         assert counts["image_kept"] == kept and counts["image_seen"] == vision.tolist()
-    assert output.past_key_values.sparsity_report()[20]["image_kept"] == output.sparsity_report()[20]["image_kept"]
+    assert output.cache.sparsity_report()[20]["image_kept"] == output.sparsity_report()[20]["image_kept"]
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(deep_bases):
@@ -252,7 +252,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(deep_bases):
             assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
         output = model(**inputs, labels=labels, use_cache=True)
         # With checkpointing a cache would be half-written (checkpointed layers do not store K/V): none is made.
-        assert (output.past_key_values is None) == checkpointing
+        assert (output.cache is None) == checkpointing
         output.loss.backward()
         gradients.append(torch.cat([router.weight.grad.flatten() for router in model.routers.values()]))
     assert gradients[0].abs().sum() > 0

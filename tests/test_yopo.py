@@ -301,7 +301,7 @@ def test_cut_layers_hold_no_vision_keys_and_values(base_checkpoints):
         model = yopo_from(base_model, **ALL_KNOBS, attention_semantics=semantics)
         with torch.no_grad():
             output = model(**inputs, use_cache=True)
-        cache = output.past_key_values
+        cache = output.cache
         for layer_idx in range(4):
             expected = vision if layer_idx < 2 else vision_after_cutoff
             stored = cache.stored_image_tokens(layer_idx)
@@ -457,13 +457,13 @@ def test_two_images_per_row_and_a_second_turn_on_the_cache(base_checkpoints):
     expected = masked_yopo(base_model, whole, MIXED_GROUPS, "renormalize")
     with torch.no_grad():
         assert (model(**whole).logits - expected)[text].abs().max() <= 1e-5
-        cache = model(input_ids=first, pixel_values=pixels[:1], use_cache=True).past_key_values
-        second_turn = model(input_ids=second, pixel_values=pixels[1:], past_key_values=cache, use_cache=True).logits
+        cache = model(input_ids=first, pixel_values=pixels[:1], use_cache=True).cache
+        second_turn = model(input_ids=second, pixel_values=pixels[1:], cache=cache, use_cache=True).logits
         width = first.shape[1]
         assert (second_turn - expected[:, width:])[text[:, width:]].abs().max() <= 1e-5
         # A text-only turn of several tokens reads the cached vision slots through the per-head masks.
         follow_up = torch.randint(4, IMAGE_TOKEN_ID, (1, 4), generator=torch.Generator().manual_seed(5))
-        third_turn = model(input_ids=follow_up, past_key_values=cache, use_cache=True).logits
+        third_turn = model(input_ids=follow_up, cache=cache, use_cache=True).logits
         longer = {**whole, "input_ids": torch.cat([whole["input_ids"], follow_up], dim=1)}
         longer["attention_mask"] = torch.ones_like(longer["input_ids"])
         expected_longer = masked_yopo(base_model, longer, MIXED_GROUPS, "renormalize")
@@ -478,7 +478,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base_checkpoints):
     for checkpointing in (False, True):
         model = yopo_from(base_model, **ALL_KNOBS).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model(**inputs, labels=labels).loss.backward()
         gradients.append(model.language_model.layers[0].self_attn.q_proj.weight.grad)
     assert gradients[0].abs().sum() > 0 and torch.allclose(gradients[0], gradients[1], atol=1e-6)
