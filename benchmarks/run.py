@@ -28,7 +28,7 @@ Untrained predictors would make arbitrary decisions, so the decisions are forced
   its output-text predictor is given a bias on the keep logit, calibrated on untimed generations of the measured
   length so that it keeps about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is
   reported (`output_keep_rate_N`);
-* p-MoD layers keep `floor(n R_l)` vision tokens whatever the routers' weights (the progressive schedule);
+* p-MoD layers keep `trunc(n R_l)` vision tokens whatever the routers' weights (the progressive schedule);
 * YOPO runs its 12% preset (5 x 5 window, vision tokens in the first quarter of the layers, half the FFN neurons);
   from layer 2 on (the reference never prunes layers 0 and 1) only the first half of the heads keep working on
   vision tokens, a stand-in for a calibrated mask.
@@ -160,7 +160,7 @@ def build_model(name: str, config):
             )
         )
     if name == "p-mod":
-        # Zero-initialised routers: every layer keeps exactly floor(n * R_l) vision tokens whatever the weights.
+        # Zero-initialised routers: every layer keeps exactly trunc(n * R_l) vision tokens whatever the weights.
         return PMoDLlavaForConditionalGeneration(PMoDConfig.from_base_config(config))
     if name == "yopo":
         return YopoLlavaForConditionalGeneration(yopo_config(config, "12%"))

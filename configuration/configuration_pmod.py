@@ -29,7 +29,7 @@ class PMoDConfig(SparseLlavaConfig):
         mod_max_ratio (`float`, *optional*, defaults to 0.85):
             Layers whose R(l) is at most this are Mixture-of-Depths layers; the others stay dense.
         mod_min_ratio (`float`, *optional*, defaults to 0.15):
-            Floor of the retention ratio: a MoD layer keeps `floor(n * max(R(l), mod_min_ratio))` of a sample's `n`
+            Floor of the retention ratio: a MoD layer keeps `trunc(n * max(R(l), mod_min_ratio))` of a sample's `n`
             routed tokens.
         router_weight_scale (`float`, *optional*, defaults to 0.2):
             TanhNorm scale: a routed token's weight is `w = 1 + router_weight_scale * tanh(router logit)`.

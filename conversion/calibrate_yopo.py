@@ -1,7 +1,7 @@
 """Calibrate YOPO's `vision_head_mask` from a few samples, with the reference's rule, and write it into a model folder.
 
     python conversion/calibrate_yopo.py --model out/yopo --images a.jpg b.jpg ... --prompts "What is shown?" ... \
-        [--keep-fraction 0.5 | --alpha 0.08] [--vote 0.4]
+        [--keep-fraction 0.5 | --alpha 0.08] [--vote 0.4] [--trust-remote-code]
 
 For each sample, layer and head, the ratio of the attention mass on vision keys to the mass on all other keys is
 measured in the dense model (transformers' LLaVA with the folder's weights, eager attention) on the query row of the
@@ -10,12 +10,14 @@ masks used; its Qwen2-VL collector reads the first generated token's row, which 
 `alpha`; it keeps working on vision tokens when it is active in more than `vote` of the samples (the reference: more
 than 40 of 100). The first two layers keep every head. `--keep-fraction` picks `alpha` so that the mean number of heads
 kept per layer is that fraction of the heads (the YOPO presets use 0.5). The mask goes into the folder's
-`config.json`, and the heads kept per layer are printed.
+`config.json` (keeping the file's mode), and the heads kept per layer are printed. The folder is read with the installed
+sparse-llava and transformers classes; its own code runs only with `--trust-remote-code`.
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import torch  # noqa: E402
 
 from sparse_llava.compat_transformers import dtype_argument  # noqa: E402
+from sparse_llava.configuration_yopo import YopoConfig  # noqa: E402
 
 ALWAYS_KEPT_LAYERS = 2  # the reference never prunes heads in layers 0 and 1
 
@@ -34,19 +37,34 @@ class CalibrationError(ValueError):
     """Bad input for a calibration (the message names the problem)."""
 
 
-def dense_model(model_dir: str):
+def yopo_config(model_dir: str, trust_remote_code: bool = False):
+    """
+    The folder's YOPO config: read with the installed sparse-llava class, or with `trust_remote_code` through the
+    folder's own code (its `auto_map`), which then runs.
+    """
+    from transformers import AutoConfig
+
+    if trust_remote_code:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
+        model_type = getattr(config, "model_type", None)
+    else:
+        model_type = YopoConfig.get_config_dict(model_dir)[0].get("model_type")
+        config = YopoConfig.from_pretrained(model_dir) if model_type == "yopo_llava" else None
+    if model_type != "yopo_llava":
+        raise CalibrationError(f"{model_dir} is not a YOPO model (model_type {model_type!r})")
+    return config
+
+
+def dense_model(model_dir: str, trust_remote_code: bool = False):
     """transformers' own LLaVA / LLaVA-NeXT with the folder's weights, eager attention (to read attention maps)."""
     from transformers import (
-        AutoConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
     )
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    if getattr(config, "model_type", None) != "yopo_llava":
-        raise CalibrationError(f"{model_dir} is not a YOPO model (model_type {config.model_type!r})")
+    config = yopo_config(model_dir, trust_remote_code)
     base_fields = config.to_dict()
     for key in ("model_type", "auto_map", "architectures", "base_model_type", "transformers_version"):
         base_fields.pop(key, None)
@@ -139,8 +157,13 @@ def calibrate(
     keep_fraction: float | None = None,
     vote: float = 0.4,
     write: bool = True,
+    trust_remote_code: bool = False,
 ) -> list[list[bool]]:
-    """Compute `vision_head_mask` for the YOPO folder `model_dir` and (with `write`) store it in its config.json."""
+    """
+    Compute `vision_head_mask` for the YOPO folder `model_dir` and (with `write`) store it in its config.json. The
+    folder's code runs only with `trust_remote_code`; otherwise the installed sparse-llava and transformers classes
+    read it.
+    """
     from transformers import AutoProcessor
 
     if (alpha is None) == (keep_fraction is None):
@@ -151,8 +174,11 @@ def calibrate(
         raise CalibrationError("no calibration images given")
     if not 0 <= vote < 1:
         raise CalibrationError(f"vote must be in [0, 1), got {vote}")
-    model, config = dense_model(str(model_dir))
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model, config = dense_model(str(model_dir), trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # e.g. a processor that needs its own code, without --trust-remote-code
+        raise CalibrationError(f"cannot load the processor of {model_dir}: {str(error).splitlines()[0]}") from None
     ratios = torch.stack(
         [vision_attention_ratios(model, inputs) for inputs in sample_inputs(processor, image_paths, prompts)]
     )
@@ -168,11 +194,17 @@ def calibrate(
         config_path = Path(model_dir) / "config.json"
         fields = json.loads(config_path.read_text())
         fields["vision_head_mask"] = mask
-        # Written beside the config and renamed over it, so an interruption leaves the old config intact.
+        # Written beside the config and renamed over it, so an interruption leaves the old config intact; with the
+        # config's own mode (a temporary file is private to its owner).
         with tempfile.NamedTemporaryFile("w", dir=config_path.parent, suffix=".json", delete=False) as handle:
             json.dump(fields, handle, indent=2, sort_keys=True)
             handle.write("\n")
-        os.replace(handle.name, config_path)
+        try:
+            shutil.copymode(config_path, handle.name)
+            os.replace(handle.name, config_path)
+        except BaseException:
+            os.unlink(handle.name)
+            raise
     return mask
 
 
@@ -187,11 +219,25 @@ def main(argv=None) -> int:
     threshold.add_argument("--alpha", type=float, help="activity threshold on the vision/other attention ratio")
     threshold.add_argument("--keep-fraction", type=float, help="target mean fraction of heads kept per layer")
     parser.add_argument("--vote", type=float, default=0.4, help="keep a head active in more than this share of samples")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the folder's config and processor with the code it carries (by default that code never runs: the "
+        "installed sparse-llava and transformers classes read the folder)",
+    )
     args = parser.parse_args(argv)
     if args.alpha is None and args.keep_fraction is None:
         args.keep_fraction = 0.5  # the budget of the YOPO presets
     try:
-        mask = calibrate(args.model, args.images, args.prompts, args.alpha, args.keep_fraction, args.vote)
+        mask = calibrate(
+            args.model,
+            args.images,
+            args.prompts,
+            args.alpha,
+            args.keep_fraction,
+            args.vote,
+            trust_remote_code=args.trust_remote_code,
+        )
     except (CalibrationError, OSError) as error:
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

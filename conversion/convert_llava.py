@@ -7,17 +7,23 @@
 method's new modules initialised from a fixed seed), `config.json` with an `auto_map` for `AutoConfig`,
 `AutoModelForImageTextToText` and `AutoModelForVision2Seq`, the flat code files, `generation_config.json`, the
 processor/tokenizer files when the base has them, and a model card. The folder is written next to its final place
-and renamed into it only when complete, so a failure leaves nothing half-written.
+and renamed into it only when complete, so a failure leaves nothing half-written; one conversion at a time writes a
+given output, and what a killed one left is cleaned up by the next (see `output_folder.py`). Reading the source never
+runs code from it (no `trust_remote_code`, no prompt).
 """
 
 import argparse
 import json
+import os
+import pickle
 import re
 import shutil
+import signal
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 if __name__ == "__main__" and __package__ in (None, ""):
     # Run as a script from a source checkout: make the `sparse_llava` package importable.
@@ -27,6 +33,7 @@ import sparse_llava  # noqa: E402
 from sparse_llava.compat_transformers import config_fields  # noqa: E402
 from sparse_llava.configuration_yopo import PRESETS, preset_settings  # noqa: E402
 from sparse_llava.original_checkpoints import ORIGINAL_FORMATS, detect_format, read_original_checkpoint  # noqa: E402
+from sparse_llava.output_folder import OutputBusy, claim_output  # noqa: E402
 
 
 class ConversionError(ValueError):
@@ -183,11 +190,9 @@ def convert(
     if method not in METHODS:
         raise ConversionError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     spec = METHODS[method]
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"output folder {output} is not empty; pass --overwrite to replace it")
+    output = _output_path(
+        output, {"--base": base, "--vision-tower": vision_tower, "--processor": processor, "--head-mask": head_mask}
+    )
     overrides = dict(overrides or {})
     if (preset is not None or head_mask is not None) and method != "yopo":
         raise ConversionError("--preset and --head-mask are YOPO settings; use them with --method yopo")
@@ -203,12 +208,25 @@ def convert(
     if source_format not in SOURCE_FORMATS:
         raise ConversionError(f"unknown source format {source_format!r}; choose one of: {', '.join(SOURCE_FORMATS)}")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.source.", dir=output.parent) as rewritten:
-        weights_source, copy_processor, source_settings = base, True, {}
+    try:
+        # From here on only this conversion writes to `output` (a second one waits with --overwrite, else fails).
+        claim = claim_output(output, wait=overwrite, report=step)
+    except OutputBusy as busy:
+        raise ConversionError(
+            f"{output} is being written by another conversion ({busy.owner}); pass --overwrite to replace its "
+            "result once it is done"
+        ) from None
+    except OSError as error:
+        raise ConversionError(f"cannot write into {output.parent}: {error.strerror or error}") from None
+    with claim as work:
+        if os.path.lexists(output) and not output.is_dir():
+            raise ConversionError(f"output {output} exists and is not a folder")
+        if output.is_dir() and any(output.iterdir()) and not overwrite:
+            raise ConversionError(f"output folder {output} is not empty; pass --overwrite to replace it")
+        weights_source, processor_source, source_settings = base, base, {}
         if source_format == "llava-hf":
             try:
-                base_config = AutoConfig.from_pretrained(base, revision=revision)
+                base_config = AutoConfig.from_pretrained(base, revision=revision, trust_remote_code=False)
             except (OSError, ValueError) as error:
                 raise ConversionError(f"cannot read a LLaVA config from {base!r}: {_first_line(error)}") from None
         else:
@@ -224,10 +242,10 @@ def convert(
             # Written under the models' runtime names, then loaded like any checkpoint (memory-efficient loading).
             from huggingface_hub import save_torch_state_dict
 
-            save_torch_state_dict(checkpoint.tensors, rewritten, max_shard_size="5GB")
+            save_torch_state_dict(checkpoint.tensors, work.source, max_shard_size="5GB")
             checkpoint.tensors.clear()
-            _write_generation_config(base, revision, checkpoint.base_config, Path(rewritten))
-            weights_source, copy_processor, revision = rewritten, False, None
+            _write_generation_config(base, revision, checkpoint.base_config, work.source)
+            weights_source, processor_source, revision = work.source, None, None
             if processor is None:
                 step("  the original tokenizer lacks <image>: pass --processor with the matching llava-hf model")
         preset_fields = {}
@@ -244,37 +262,60 @@ def convert(
             config = spec.config_class.from_base_config(base_config, **settings)
         except (ValueError, TypeError) as error:
             raise ConversionError(_first_line(error)) from None
+        _check_image_token_index(config)
+        processor_revision = None if processor else revision
+        processor_source = processor or processor_source
+        if processor_source is not None:
+            # Checked before the weights are read, so that a wrong processor fails fast.
+            _copy_processor_files(processor_source, processor_revision, work.processor)
+            _check_processor_files(work.processor, config, "--processor " + processor if processor else base)
         step(f"loading the base weights into {spec.model_class.__name__}")
         brings_new_modules = source_format != "llava-hf" and checkpoint.method == method
         model = _load_weights(spec, weights_source, config, revision, base, brings_new_modules)
         if not brings_new_modules:
             _initialise_new_modules(model, seed)
+        shutil.rmtree(work.source, ignore_errors=True)  # loaded: free its disk space before writing the result
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        step(f"writing weights, config and code to a staging folder next to {output}")
+        step(f"writing weights, config and code to {work.path.name} next to {output}")
         model.config.auto_map = {
             "AutoConfig": f"{spec.config_class.__module__.rsplit('.', 1)[-1]}.{spec.config_class.__name__}",
             "AutoModelForImageTextToText": f"{spec.modeling_module}.{spec.model_class.__name__}",
             "AutoModelForVision2Seq": f"{spec.modeling_module}.{spec.model_class.__name__}",
         }
-        model.save_pretrained(staging, max_shard_size="5GB")
-        set_clip_tower_layout(staging, nested=True)
+        model.save_pretrained(work.staging, max_shard_size="5GB")
+        set_clip_tower_layout(work.staging, nested=True)
         for code_file in hub_code_files(spec.modeling_module):
-            shutil.copy2(code_file, staging / code_file.name)
-        if processor is not None:
-            _copy_processor_files(processor, None, staging)
-            _check_image_token(staging, config)
-        elif copy_processor:
-            _copy_processor_files(base, revision, staging)
-        _write_model_card(spec, base, config, staging)
+            shutil.copy2(code_file, work.staging / code_file.name)
+        for path in work.processor.iterdir():
+            shutil.copy2(path, work.staging / path.name)
+        _write_model_card(spec, base, config, work.staging)
+        _give_ordinary_file_modes(work.staging)
         step(f"moving the result into {output}")
-        _replace_folder(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        work.install()
     step("done")
+    return output
+
+
+def _output_path(output, inputs: dict) -> Path:
+    """The output folder as an absolute path, refused where replacing it would pull the floor from under something."""
+    given = str(output)
+    output = Path(os.path.abspath(output))  # "." and ".." resolved, symlinks kept (a link is replaced, not its target)
+    if output == Path(output.anchor):
+        raise ConversionError(f"--output {given} is the root of the filesystem; give a folder to create")
+    cwd = Path.cwd()
+    if output == cwd or output in cwd.parents:
+        raise ConversionError(
+            f"--output {given} is the current folder or one of its parents; give a new folder, e.g. --output "
+            f"{Path(given) / 'converted-model'}"
+        )
+    real_output = Path(os.path.realpath(output))
+    for flag, value in inputs.items():
+        if value is not None and os.path.exists(value):
+            real_input = Path(os.path.realpath(value))
+            if real_input == real_output or real_output in real_input.parents:
+                raise ConversionError(
+                    f"--output {given} is or holds the input {flag} {value}; write the result elsewhere"
+                )
     return output
 
 
@@ -346,12 +387,29 @@ def _load_weights(spec: Method, source, config, revision, base, brings_new_modul
         return spec.model_class.from_pretrained(
             source, config=config, revision=revision, new_modules_from_scratch=not brings_new_modules
         )
-    except (OSError, ValueError) as error:
+    # RuntimeError: e.g. torch cannot read a truncated .bin; SafetensorError and UnpicklingError may come unwrapped.
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise ConversionError(
-            f"{base} does not load as a {config.base_model_type} checkpoint: {_first_line(error)}"
+            f"{base} does not load as a {config.base_model_type} checkpoint: {_weights_problem(error)}"
         ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+
+
+def _weights_problem(error: BaseException) -> str:
+    """What is wrong with a checkpoint's weight files, from the error transformers raised or the one it wrapped."""
+    chain = [error]
+    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for link in chain:
+        if isinstance(link, SafetensorError):
+            return f"a .safetensors file is truncated or corrupt ({_first_line(link)})"
+        if isinstance(link, pickle.UnpicklingError):
+            return (
+                "its pickle (.bin) weights hold more than tensors, so they were refused without running them "
+                f"({_first_line(link)})"
+            )
+    return _first_line(error)
 
 
 def _initialise_new_modules(model, seed: int) -> None:
@@ -392,18 +450,64 @@ def _give_tokenizer_the_chat_template(folder: Path) -> None:
     tokenizer_config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
 
 
-def _check_image_token(folder: Path, config) -> None:
-    """The processor's `<image>` token must be the model's image token."""
+def _check_image_token_index(config) -> None:
+    vocab_size = config.get_text_config().vocab_size
+    if not 0 <= config.image_token_id < vocab_size:
+        raise ConversionError(
+            f"image_token_index {config.image_token_id} is outside the language model's vocabulary (0..{vocab_size - 1})"
+        )
+
+
+# Processor files whose `auto_map` would make the converted folder's processor load custom code.
+PROCESSOR_CONFIG_FILES = ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _check_processor_files(folder: Path, config, source: str) -> None:
+    """
+    The processor files copied into `folder` (from `source`) must need no custom code, and the tokenizer must map the
+    processor's image token to the model's `image_token_index`. Nothing here runs code: an `auto_map` is refused
+    before the tokenizer is read, and it is read with `trust_remote_code=False` (so never a prompt either).
+    """
     from transformers import AutoTokenizer
 
+    processor_fields = {}
+    for name in PROCESSOR_CONFIG_FILES:
+        if (folder / name).is_file():
+            try:
+                fields = json.loads((folder / name).read_text())
+            except ValueError as error:
+                raise ConversionError(f"{source}: {name} is not valid JSON ({error})") from None
+            if isinstance(fields, dict) and "auto_map" in fields:
+                raise ConversionError(
+                    f"{source}: {name} has an auto_map (custom processor code), which a conversion neither runs nor "
+                    "ships; use a llava-hf processor (--processor)"
+                )
+            if name == "processor_config.json" and isinstance(fields, dict):
+                processor_fields = fields
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return  # no tokenizer to check against
     try:
-        image_token_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("<image>")
-    except (OSError, ValueError) as error:
-        raise ConversionError(f"cannot read the tokenizer of --processor: {_first_line(error)}") from None
-    if image_token_id != config.image_token_id:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConversionError(f"cannot read the tokenizer of {source}: {_first_line(error)}") from None
+    image_token = processor_fields.get("image_token") or "<image>"
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and image_token != tokenizer.unk_token):
+        raise ConversionError(f"the tokenizer of {source} has no image token {image_token!r}")
+    if token_id != config.image_token_id:
         raise ConversionError(
-            f"the --processor tokenizer maps <image> to {image_token_id}, the model expects {config.image_token_id}"
+            f"the tokenizer of {source} maps {image_token} to {token_id}, the model expects {config.image_token_id} "
+            "(image_token_index)"
         )
+
+
+def _give_ordinary_file_modes(folder: Path) -> None:
+    """Give the files the mode a newly created file gets (some writers make theirs private, e.g. 0600 weights)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _write_model_card(spec: Method, base: str, config, destination: Path) -> None:
@@ -432,24 +536,14 @@ def _method_fields(config_class) -> list[str]:
     return [name for name in config_fields(config_class) if name not in base_fields]
 
 
-def _replace_folder(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.with_name(f".{output.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        output.rename(retired)
-        try:
-            staging.rename(output)
-        except OSError:
-            retired.rename(output)  # put the previous folder back
-            raise
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)
-
-
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The line of an error message that names the problem (usually the first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's refusal of a pickle starts with advice; the reason is on the line of the weights-only unpickler.
+    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    if reason is not None:
+        return reason.split(" Please use ")[0]  # the rest says how to allow it, which a conversion never does
+    return lines[0] if lines else type(error).__name__
 
 
 def main(argv=None) -> int:
@@ -494,6 +588,8 @@ def main(argv=None) -> int:
         help="YOPO: vision head mask, a .npy [layers, heads] of booleans (as the YOPO repository ships) or .json",
     )
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. `kill`, a job scheduler) ends the conversion like Ctrl-C: through the clean-up of its work folder.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         convert(
             args.base,
@@ -512,7 +608,19 @@ def main(argv=None) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. a full disk while writing: the work folder is already removed
+        print(f"error: {_first_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ Overridden, as transformers documents for custom models: `PreTrainedModel._init_
 `_tied_weights_keys`, `_no_split_modules`, `_skip_keys_device_placement`, `_supports_*`;
 `GenerationMixin.prepare_inputs_for_generation` and `generate`.
 """
+
 import dataclasses
 import inspect
 

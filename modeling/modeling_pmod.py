@@ -1,7 +1,8 @@
 """p-MoD (Zhang et al., ICCV 2025, arXiv 2412.04449) on the sparse-llava base.
 
 In each Mixture-of-Depths layer a router scores the routed (vision) tokens from the layer's input; every sample
-keeps its top `floor(n * R_l)` of them, with the retention ratio R_l decaying with depth (progressive ratio decay).
+keeps its top `trunc(n * R_l)` of them (in float32, as the reference; see `kept_token_count`), with the retention
+ratio R_l decaying with depth (progressive ratio decay).
 The decoder layer runs on the kept tokens and the text tokens only, so skipped tokens have no K/V in that layer.
 Outputs follow the reference code (TanhNorm weight `w = 1 + 0.2 * tanh(r)`, symmetric re-weighting "STRing"):
 
@@ -27,6 +28,16 @@ from .configuration_pmod import PMoDConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_slots
 
 
+def kept_token_count(num_routed: torch.Tensor, ratio: float) -> torch.Tensor:
+    """
+    How many of `num_routed` tokens a MoD layer with retention ratio `ratio` keeps, with the reference's arithmetic:
+    `trunc(n * R)` with `n` in float32 (the reference multiplies an int32 count by the Python float ratio, which
+    torch computes in float32). A float64 `floor(n * R)` differs by one token at some counts (first at n = 2365 in
+    layer 10 of the 32-layer schedule), and released routers were trained keeping exactly the float32 count.
+    """
+    return torch.trunc(num_routed.to(torch.float32) * ratio).long()
+
+
 class TokenRouter(nn.Linear):
     """`hidden -> 1` router of a MoD layer (zero-initialised, as in the reference: every weight starts at 1)."""
 
@@ -37,8 +48,8 @@ class TokenRouter(nn.Linear):
 class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     """
     p-MoD over a LLaVA-1.5 or LLaVA-NeXT base: vision tokens skip whole decoder layers in the layers listed in
-    `config.mod_layers`, keeping `floor(n * config.retention_ratio(layer))` of each sample's `n` routed tokens.
-    `cache.stored_tokens(layer_idx)` shows what each layer holds.
+    `config.mod_layers`, keeping `kept_token_count(n, config.retention_ratio(layer))` of each sample's `n` routed
+    tokens. `cache.stored_tokens(layer_idx)` shows what each layer holds.
     """
 
     config_class = PMoDConfig
@@ -75,10 +86,10 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         return routed
 
     def route(self, layer_idx: int, stream: TokenStream) -> torch.Tensor:
-        """`[batch, slots]` bool: the tokens layer `layer_idx` runs on (top `floor(n * R_l)` routed ones and text)."""
+        """`[batch, slots]` bool: the tokens layer `layer_idx` runs on (its top `kept_token_count` routed ones and text)."""
         routed = self.routed(stream)
         logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1).detach()
-        num_kept = (routed.sum(-1).double() * self.config.retention_ratio(layer_idx)).floor().long()
+        num_kept = kept_token_count(routed.sum(-1), self.config.retention_ratio(layer_idx))
         # Ranked by router logit; ties (e.g. untrained, zero-initialised routers) broken by position.
         score = logits.masked_fill(~routed, -torch.inf)
         rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
@@ -124,4 +135,4 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         return h + weight.unsqueeze(-1).to(ffn.dtype) * ffn
 
 
-__all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter"]
+__all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter", "kept_token_count"]

@@ -13,12 +13,14 @@ A method subclasses [`SparseLlavaForConditionalGeneration`] and overrides `befor
 what a layer computes, `run_layer`).
 """
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, LlavaModel, LlavaNextModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.utils import logging
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
@@ -36,6 +38,9 @@ logger = logging.get_logger(__name__)
 
 # Weight left to a key its keep policy hides (training-time masked attention), as the reference's MaskedSoftmax eps.
 POLICY_EPS = 1e-6
+
+# generate() options that verify draft tokens and roll the cache back to the last accepted one.
+CACHE_ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
 @dataclass
@@ -302,6 +307,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         return SparseCache(config=self.config)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
+        self.check_generation_options(generation_config, kwargs)
         # Tell forward where the generated tokens start, so only they are candidates for output-text dropping.
         if kwargs.get("output_token_start") is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -318,6 +324,17 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if cache is not None:
             kwargs[CACHE_NAME] = cache
         return super().generate(inputs, generation_config, **kwargs)
+
+    def check_generation_options(self, generation_config, generate_kwargs: dict) -> None:
+        """Refuse the generation modes a [`SparseCache`] cannot serve, before generate() fails somewhere inside."""
+        settings = generation_config if generation_config is not None else self.generation_config
+        for option in CACHE_ROLLBACK_OPTIONS:
+            if generate_kwargs.get(option) is not None or getattr(settings, option, None) is not None:
+                raise ValueError(
+                    f"generate({option}=...): assisted / speculative decoding is not supported by sparse-llava "
+                    "models. It rolls the cache back past rejected draft tokens, and a SparseCache cannot be cropped: "
+                    "after tokens are dropped or not admitted, the last logical tokens map to no fixed set of slots."
+                )
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs))
@@ -354,8 +371,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             never are. `generate()` sets it to the prompt's width. When `None`, a single-token step on a non-empty
             cache counts as a generated token, and without a cache no token does.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        self.check_inputs(input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask)
         for unsupported in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(unsupported, False):
                 raise NotImplementedError(f"{unsupported}=True is not supported by sparse-llava models")
@@ -413,6 +429,66 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             loss_terms=loss_terms,
         )
 
+    def check_inputs(self, input_ids, inputs_embeds, pixel_values, image_sizes, attention_mask) -> None:
+        """Raise a ValueError naming the problem for inputs the tensor code below would fail on, or get wrong."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if tokens.dim() < 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"{name} is empty or not batched: got shape {tuple(tokens.shape)}, need [batch, tokens]")
+        batch_size, seq_len = tokens.shape[:2]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("sparse-llava models take a 2-D attention_mask [batch, past + sequence]")
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, but the input is {batch_size} rows of "
+                    f"{seq_len} tokens: it must be [batch, past + sequence], covering at least the input"
+                )
+        has_images = pixel_values is not None and pixel_values.shape[0] > 0
+        if has_images:
+            self.check_pixel_values(pixel_values, image_sizes)
+        elif input_ids is not None and seq_len > 1:
+            # Reads the ids on the host: only for multi-token chunks (a prompt, a new turn), never in a decode step.
+            image_token_id = self.config.image_token_id
+            if bool((input_ids == image_token_id).any()):
+                raise ValueError(
+                    f"input_ids holds image tokens (id {image_token_id}) but no pixel_values were given: pass the "
+                    "images the prompt refers to (the processor's pixel_values), or remove their image tokens"
+                )
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, image_sizes) -> None:
+        """The shapes transformers' processors give: LLaVA-1.5 [images, 3, H, W]; LLaVA-NeXT [images, tiles, 3, H, W]."""
+        channels = self.config.vision_config.num_channels
+        is_next = self.config.base_model_type == "llava_next"
+        # transformers' LLaVA-NeXT also takes the tiles of all images flattened, [tiles, 3, H, W].
+        dims = (4, 5) if is_next else (4,)
+        if pixel_values.dim() not in dims or pixel_values.shape[-3] != channels:
+            expected = "[images, tiles, channels, height, width]" if is_next else "[images, channels, height, width]"
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}; a {'LLaVA-NeXT' if is_next else 'LLaVA-1.5'} "
+                f"model takes {expected} with {channels} channels, as its processor returns"
+            )
+        if not is_next:
+            return
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT models need image_sizes (the processor's) together with pixel_values")
+        tiles = [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        if pixel_values.dim() == 5 and (len(tiles) != pixel_values.shape[0] or max(tiles) > pixel_values.shape[1]):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} ([images, tiles, ...]), but image_sizes asks for "
+                f"{len(tiles)} images of {tiles} tiles"
+            )
+        if pixel_values.dim() == 4 and sum(tiles) != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} tiles ([tiles, ...]), but image_sizes asks for "
+                f"{sum(tiles)} ({tiles} per image)"
+            )
+
     def embed_inputs(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy
     ):
@@ -456,6 +532,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         batch_size, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past_seen = cache.get_seq_length() if cache is not None else 0
+        max_positions = self.config.get_text_config().max_position_embeddings
+        if past_seen <= max_positions < past_seen + seq_len:  # warned once per conversation: when it crosses the limit
+            warnings.warn(
+                f"the input reaches position {past_seen + seq_len} (cache included), beyond the model's "
+                f"max_position_embeddings ({max_positions}); outputs past that length are unreliable",
+                stacklevel=2,
+            )
         if position_ids is None:
             # As transformers' LlamaModel: consecutive positions after what the cache has seen.
             position_ids = torch.arange(past_seen, past_seen + seq_len, device=device).unsqueeze(0)
@@ -463,8 +546,6 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if attention_mask is None:
             valid = torch.ones((batch_size, seq_len), dtype=torch.bool, device=device)
         else:
-            if attention_mask.dim() != 2:
-                raise ValueError("sparse-llava models take a 2-D attention_mask [batch, past + sequence]")
             valid = attention_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
         columns = torch.arange(past_seen, past_seen + seq_len, device=device).expand(batch_size, -1)
         if output_token_start is not None:

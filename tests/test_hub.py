@@ -6,26 +6,61 @@ from pathlib import Path
 
 import pytest
 from conftest import fill_hub_cache
+from huggingface_hub import CommitOperationDelete
+from safetensors.torch import load_file
 
-from sparse_llava.push_to_hub import PushError, files_to_upload, main, push
+from sparse_llava.push_to_hub import MANIFEST, PushError, files_to_upload, main, push
 
 
 class RecordingApi:
-    """Records calls to huggingface_hub's `HfApi`, checking each against the real method's signature."""
+    """
+    huggingface_hub's `HfApi` for the tests: each call is checked against the real method's signature and recorded,
+    and the repo's files (`remote`, path -> bytes) change as the Hub's would (`list_repo_files`, `hf_hub_download`,
+    `create_commit`).
+    """
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, remote: dict | None = None, download_dir: Path | None = None):
+        self.calls, self.remote, self.download_dir = [], dict(remote or {}), download_dir
 
     def __getattr__(self, name):
         import inspect
 
         from huggingface_hub import HfApi
 
+        if name.startswith("_"):
+            raise AttributeError(name)
+
         def record(*args, **kwargs):
             inspect.signature(getattr(HfApi, name)).bind(self, *args, **kwargs)
             self.calls.append((name, args, kwargs))
+            handler = getattr(type(self), f"_{name}", None)
+            return None if handler is None else handler(self, *args, **kwargs)
 
         return record
+
+    def _list_repo_files(self, repo_id, revision=None):
+        return sorted(self.remote)
+
+    def _hf_hub_download(self, repo_id, filename, revision=None):
+        path = self.download_dir / filename
+        path.write_bytes(self.remote[filename])
+        return str(path)
+
+    def _create_commit(self, repo_id, operations, commit_message, revision=None):
+        from huggingface_hub import CommitOperationAdd
+
+        for operation in operations:
+            if isinstance(operation, CommitOperationAdd):
+                content = operation.path_or_fileobj
+                self.remote[operation.path_in_repo] = (
+                    content if isinstance(content, bytes) else Path(content).read_bytes()
+                )
+            else:
+                del self.remote[operation.path_in_repo]
+
+    def commit(self):
+        (commit,) = [kwargs for name, _, kwargs in self.calls if name == "create_commit"]
+        return commit
 
 
 def test_dry_run_lists_the_folder_and_calls_nothing(converted, capsys):
@@ -40,22 +75,111 @@ def test_dry_run_lists_the_folder_and_calls_nothing(converted, capsys):
     assert printed.startswith("would upload") and "modeling_sparse_llava.py" in printed
 
 
-def test_push_creates_the_repo_and_uploads_in_one_commit(converted):
+def test_push_creates_the_repo_and_uploads_in_one_commit(converted, tmp_path):
     output = converted("llava")
-    api = RecordingApi()
+    api = RecordingApi(download_dir=tmp_path)
     files = push(output, "org/tiny-dynamic", private=True, revision="v1", api=api)
     assert [name for name, _, _ in api.calls] == [
         "create_repo",
         "update_repo_settings",
         "create_branch",
-        "upload_folder",
+        "list_repo_files",
+        "create_commit",
     ]
     assert api.calls[0][1] == ("org/tiny-dynamic",) and api.calls[0][2] == {"private": True, "exist_ok": True}
     assert api.calls[1][1] == ("org/tiny-dynamic",) and api.calls[1][2] == {"private": True}  # also an existing repo
-    upload = api.calls[3][2]
-    assert upload["repo_id"] == "org/tiny-dynamic" and upload["revision"] == "v1"
-    assert upload["folder_path"] == str(output)
-    assert sorted(upload["allow_patterns"]) == sorted(str(path) for path in files)
+    commit = api.commit()
+    assert commit["revision"] == "v1" and commit["commit_message"] == "Upload sparse-llava model"
+    # Exactly the listed files, byte for byte, and the manifest of what was uploaded.
+    names = [str(path) for path in files]
+    assert set(api.remote) == {*names, MANIFEST}
+    for name in names:
+        assert api.remote[name] == (output / name).read_bytes()
+    assert json.loads(api.remote[MANIFEST])["files"] == names
+
+
+def test_re_push_deletes_only_what_an_earlier_push_wrote(converted, tmp_path):
+    """The second push sends sharded weights: the earlier single file goes; files others added to the repo stay."""
+    folder = tmp_path / "model"
+    shutil.copytree(converted("llava"), folder)
+    first = RecordingApi(download_dir=tmp_path)
+    push(folder, "org/tiny", api=first)
+    others = {"notes/model.safetensors": b"someone else's", "extra.py": b"# theirs", "old.bin": b"theirs"}
+
+    shard = "model-00001-of-00001.safetensors"
+    (folder / "model.safetensors").rename(folder / shard)
+    weight_map = {name: shard for name in load_file(folder / shard)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    second, reported = RecordingApi({**first.remote, **others}, tmp_path), []
+    files = push(folder, "org/tiny", api=second, report=reported.append)
+    names = {str(path) for path in files}
+    assert {shard, "model.safetensors.index.json"} <= names and "model.safetensors" not in names
+    assert set(second.remote) == names | {MANIFEST} | set(others)
+    assert reported == ["deleted model.safetensors (uploaded by an earlier push, not part of this one)"]
+    deletes = [op.path_in_repo for op in second.commit()["operations"] if isinstance(op, CommitOperationDelete)]
+    assert deletes == ["model.safetensors"]
+
+
+def test_push_into_a_repo_without_a_manifest_deletes_nothing(converted, tmp_path):
+    remote = {"pytorch_model.bin": b"old", "modeling_old.py": b"# old", "docs/a.py": b"# docs", "notes.txt": b"hi"}
+    api, reported = RecordingApi(remote, tmp_path), []
+    files = push(converted("llava"), "org/tiny", api=api, report=reported.append)
+    assert set(api.remote) == {str(path) for path in files} | {MANIFEST} | set(remote)
+    assert "hf_hub_download" not in [name for name, _, _ in api.calls]
+    assert reported == ["note: org/tiny also holds modeling_old.py, pytorch_model.bin, which this push leaves in place"]
+    # A manifest that is not one of ours is not trusted to delete anything.
+    api = RecordingApi({MANIFEST: b'{"files": "everything"}'}, tmp_path)
+    with pytest.raises(PushError, match=f"{MANIFEST} is not a manifest of this tool"):
+        push(converted("llava"), "org/tiny", api=api)
+    api = RecordingApi({MANIFEST: json.dumps({"files": ["../x", "/etc/y", "README.md"]}).encode(), "README.md": b"x"})
+    api.download_dir = tmp_path
+    folder = tmp_path / "no-readme"
+    shutil.copytree(converted("llava"), folder)
+    (folder / "README.md").unlink()
+    push(folder, "org/tiny", api=api)
+    deletes = [op.path_in_repo for op in api.commit()["operations"] if isinstance(op, CommitOperationDelete)]
+    assert deletes == ["README.md"]
+
+
+@pytest.mark.parametrize("link", ["file outside", "folder outside", "file inside"])
+def test_symbolic_links_are_refused(link, converted, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(converted("llava"), folder)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (outside / "token.txt").write_text("hf_secret")
+    name = {"file outside": "token.txt", "folder outside": "extras", "file inside": "copy.json"}[link]
+    target = {"file outside": outside / "token.txt", "folder outside": outside, "file inside": folder / "config.json"}
+    (folder / name).symlink_to(target[link])
+    api = RecordingApi(download_dir=tmp_path)
+    with pytest.raises(PushError, match=rf"{name} in .* is a symbolic link \(to {target[link]}\); push uploads only"):
+        push(folder, "org/tiny", api=api)
+    assert api.calls == []
+    assert main([str(folder), "--repo-id", "org/tiny", "--dry-run"]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    (folder / name).unlink()
+    (folder / ".cache").symlink_to(outside)  # hidden entries are never uploaded, links or not
+    assert "token.txt" not in {path.name for path in files_to_upload(folder)}
+
+
+@pytest.mark.parametrize(
+    "file, entry, message",
+    [
+        ("config.json", "other/repo--modeling_dynamic_llava.DynamicLlavaForConditionalGeneration", "another repo"),
+        ("config.json", "modeling_missing.Model", "lacks modeling_missing.py"),
+        ("tokenizer_config.json", ["other/repo--tokenization.Tokenizer", None], "another repo"),
+        ("processor_config.json", "attacker/x--processing.Processor", "another repo"),
+    ],
+)
+def test_auto_map_entries_must_name_the_folders_own_code(file, entry, message, converted, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(converted("llava"), folder)
+    fields = json.loads((folder / file).read_text()) if (folder / file).is_file() else {}
+    auto_class = "AutoModelForImageTextToText" if file == "config.json" else "AutoProcessor"
+    fields["auto_map"] = {**fields.get("auto_map", {}), auto_class: entry}
+    (folder / file).write_text(json.dumps(fields))
+    with pytest.raises(PushError, match=message):
+        files_to_upload(folder)
 
 
 def test_refuses_what_is_not_a_converted_model(converted, tmp_path, capsys):
@@ -112,6 +236,87 @@ def test_folder_given_through_a_parent_path(converted, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     relative = Path("..") / output.relative_to(tmp_path.parent) if output.is_relative_to(tmp_path.parent) else output
     assert {str(path) for path in files_to_upload(relative)} == {str(path) for path in files_to_upload(output)}
-    api = RecordingApi()
-    push(output, "org/tiny", api=api)
-    assert "*.safetensors" in api.calls[-1][2]["delete_patterns"]
+    api = RecordingApi(download_dir=tmp_path)
+    push(relative, "org/tiny", api=api)
+    assert set(api.remote) == {str(path) for path in files_to_upload(output)} | {MANIFEST}
+
+
+class _RefusingHub:
+    """A local HTTP server that answers every request like the Hub with a bad token (401), counting the requests."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self):
+                requests.append(self.path)
+                body = json.dumps({"error": "Invalid credentials in Authorization header"}).encode()
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Error-Message", "Invalid credentials in Authorization header")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("failure", ["HTTP 401", "connection refused", "offline mode"])
+def test_hub_and_network_errors_are_one_line_from_the_cli(failure, converted, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "conversion" / "push_to_hub.py"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN="hf_not_a_real_token", HF_HUB_DISABLE_TELEMETRY="1")
+    server = _RefusingHub()
+    with server if failure == "HTTP 401" else _no_context():
+        env["HF_ENDPOINT"] = server.url if failure == "HTTP 401" else _closed_port_url()
+        if failure == "offline mode":
+            env["HF_HUB_OFFLINE"] = "1"
+        result = subprocess.run(
+            [sys.executable, str(script), str(converted("llava")), "--repo-id", "org/tiny"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: the Hub request for org/tiny failed: ")
+    expected = {"HTTP 401": "401", "connection refused": "Connect", "offline mode": "offline"}[failure]
+    assert expected.lower() in line.lower(), line
+    if failure == "HTTP 401":
+        assert server.requests  # it did reach the (local) Hub
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass

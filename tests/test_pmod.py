@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pytest
 import torch
 from test_dynamic_llava_prefill import inputs_for, row_alone
@@ -9,6 +10,7 @@ from test_dynamic_llava_prefill import inputs_for, row_alone
 import sparse_llava
 from sparse_llava import PMoDConfig, PMoDLlavaForConditionalGeneration
 from sparse_llava.flops import flop_counter
+from sparse_llava.modeling_pmod import kept_token_count
 from sparse_llava.tiny import IMAGE_TOKEN_ID, build_tiny_llava, tiny_base_config
 
 # p_mod.md 2.2: the release schedule on 32 layers, and the tokens kept of a 576-token LLaVA-1.5 image.
@@ -33,6 +35,11 @@ REFERENCE_KEPT_OF_576 = {
 }
 
 
+def reference_kept(num_routed, ratio) -> int:
+    """The reference's count `torch.trunc(int32 n * R)`, recomputed independently in numpy float32."""
+    return int(numpy.trunc(numpy.float32(num_routed) * numpy.float32(ratio)))
+
+
 @pytest.fixture(scope="module")
 def deep_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("pmod")
@@ -55,11 +62,41 @@ def pmod_from(base_model, seed=0, **overrides):
 def test_release_schedule_on_32_layers():
     config = PMoDConfig.from_base_config(tiny_base_config("llava", num_layers=32))
     assert config.mod_layers == list(range(8, 32))
-    kept = {layer: math.floor(576 * config.retention_ratio(layer)) for layer in config.mod_layers}
+    kept = {layer: reference_kept(576, config.retention_ratio(layer)) for layer in config.mod_layers}
     assert kept == REFERENCE_KEPT_OF_576
     assert [config.retention_ratio(layer) for layer in range(8)] == [1.0] * 8
     mean = sum(config.retention_ratio(layer) for layer in range(32)) / 32
     assert mean == pytest.approx(0.5375)
+
+
+def test_kept_counts_use_the_reference_arithmetic_for_every_count():
+    """Every n up to 10,000 on the 32-layer schedule: the reference's `trunc(int32 n * R_l)` (float32), with R_l
+    recomputed from its formula (`cos(l * pi / 31) / 2 + 0.5`, MoD layers where that is <= 0.85, floored at 0.15)."""
+    config = PMoDConfig.from_base_config(tiny_base_config("llava", num_layers=32))
+    counts = numpy.arange(10_001, dtype=numpy.int32)
+    reference_layers = [layer for layer in range(32) if math.cos(layer * math.pi / 31) / 2 + 0.5 <= 0.85]
+    assert config.mod_layers == reference_layers
+    for layer in reference_layers:
+        ratio = max(math.cos(layer * math.pi / 31) / 2 + 0.5, 0.15)
+        expected = numpy.trunc(counts.astype(numpy.float32) * numpy.float32(ratio)).astype(numpy.int64)
+        kept = kept_token_count(torch.from_numpy(counts), config.retention_ratio(layer)).numpy()
+        assert (kept == expected).all(), (layer, numpy.flatnonzero(kept != expected)[:5])
+    # The float64 floor this replaces keeps one token fewer here (in float32, 2365 * R_10 rounds up to 1808).
+    ratio = config.retention_ratio(10)
+    assert math.floor(2365 * ratio) == 1807 and int(kept_token_count(torch.tensor([2365]), ratio)) == 1808
+
+
+def test_router_keeps_the_reference_count_at_2365_tokens(deep_bases):
+    """Through the model's own routing: 2,365 vision tokens (one sample), layer 10 keeps 1,808 of them."""
+    model = pmod_from(deep_bases["llava"])
+    num_text, num_vision = 4, 2365
+    hidden = torch.randn(1, num_text + num_vision, model.config.text_config.hidden_size)
+    image_index = torch.tensor([-1] * num_text + [0] * num_vision)[None]
+    image_offset = torch.tensor([-1] * num_text + list(range(num_vision)))[None]
+    stream = model.make_stream(hidden, None, None, None, (image_index, image_offset), (num_vision,), None, None)
+    with torch.no_grad():
+        kept = model.route(10, stream)
+    assert int((kept & stream.is_image).sum()) == 1808 and bool(kept[:, :num_text].all())
 
 
 def test_schedule_generalises_to_other_depths_and_validates():
@@ -102,7 +139,7 @@ def test_each_layer_stores_floor_n_times_retention(base, deep_bases):
     is_image = inputs["input_ids"] == IMAGE_TOKEN_ID
     text, vision = (valid & ~is_image).sum(-1), is_image.sum(-1)
     for layer_idx in range(32):
-        kept_vision = [math.floor(int(n) * model.config.retention_ratio(layer_idx)) for n in vision]
+        kept_vision = [reference_kept(int(n), model.config.retention_ratio(layer_idx)) for n in vision]
         assert cache.stored_tokens(layer_idx).tolist() == (text + torch.tensor(kept_vision)).tolist(), layer_idx
 
 
@@ -148,7 +185,7 @@ def test_string_gives_routers_gradients_from_kept_and_skipped_tokens(deep_bases)
     router = model.routers[str(layer_idx)]
     weight = 1 + 0.2 * torch.tanh(router(x))
     skipped = routed & torch.isclose(output, weight * x, atol=1e-6).all(-1)  # skipped tokens come out as w * x
-    expected_skipped = int(routed.sum(-1)[0]) - math.floor(int(routed.sum(-1)[0]) * model.config.retention_ratio(20))
+    expected_skipped = int(routed.sum(-1)[0]) - reference_kept(int(routed.sum(-1)[0]), model.config.retention_ratio(20))
     assert int(skipped[0].sum()) == expected_skipped
     for selection in (skipped, routed & ~skipped):
         model.zero_grad()
@@ -199,7 +236,7 @@ def test_sparsity_report_counts_skipped_tokens(deep_bases):
         output = model(**inputs, use_cache=True)
     vision = (inputs["input_ids"] == IMAGE_TOKEN_ID).sum(-1)
     for layer_idx, counts in enumerate(output.sparsity_report()):
-        kept = [math.floor(int(n) * model.config.retention_ratio(layer_idx)) for n in vision]
+        kept = [reference_kept(int(n), model.config.retention_ratio(layer_idx)) for n in vision]
         assert counts["image_kept"] == kept and counts["image_seen"] == vision.tolist()
     assert output.cache.sparsity_report()[20]["image_kept"] == output.sparsity_report()[20]["image_kept"]
 

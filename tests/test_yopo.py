@@ -1,6 +1,12 @@
 """YOPO: exact against transformers' dense LLaVA and against a straightforward masked implementation, with the
 savings real (no vision K/V past the cutoff, fewer FLOPs)."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from test_dynamic_llava_prefill import inputs_for, row_alone
@@ -498,3 +504,51 @@ def test_pruning_applies_in_training(base_checkpoints):
     first_layer = model.language_model.layers[0]
     assert first_layer.self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def _calibration_images(folder: Path, count: int = 3) -> list[str]:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(1)
+    paths = []
+    for index in range(count):
+        pixels = (torch.rand(12, 12, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        paths.append(str(folder / f"calibration-{index}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def test_calibration_runs_the_folders_code_only_when_trusted(base_checkpoints, tmp_path):
+    """The folder's configuration code writes a marker when imported: absent unless --trust-remote-code is given."""
+    from sparse_llava.convert_llava import convert
+
+    output = convert(str(base_checkpoints[("llava", "hub")][0]), "yopo", tmp_path / "yopo", progress=False)
+    marker = tmp_path / "folder-code-ran"
+    code_file = output / "configuration_yopo.py"
+    code_file.write_text(f"open({str(marker)!r}, 'w').write('ran')\n" + code_file.read_text())
+    images = _calibration_images(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "conversion" / "calibrate_yopo.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    command = [sys.executable, str(script), "--model", str(output), "--images", *images, "--prompts", "What ?"]
+    untrusted = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert untrusted.returncode == 0, untrusted.stderr
+    assert not marker.exists() and "heads kept per layer" in untrusted.stdout
+    assert YopoConfig.from_pretrained(output).vision_head_mask is not None
+    trusted = subprocess.run([*command, "--trust-remote-code"], capture_output=True, text=True, env=env)
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o600])
+def test_calibration_keeps_the_config_files_mode(mode, converted_yopo, tmp_path):
+    from sparse_llava.calibrate_yopo import main
+
+    folder = tmp_path / "yopo"
+    shutil.copytree(converted_yopo("llava"), folder)
+    (folder / "config.json").chmod(mode)
+    assert main(["--model", str(folder), "--images", *_calibration_images(tmp_path), "--prompts", "What ?"]) == 0
+    assert (folder / "config.json").stat().st_mode & 0o777 == mode
+    assert YopoConfig.from_pretrained(folder).vision_head_mask is not None
+    assert sorted(path.name for path in folder.iterdir()) == sorted(
+        path.name for path in converted_yopo("llava").iterdir()
+    )  # no temporary file left beside it
