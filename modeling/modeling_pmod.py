@@ -15,7 +15,7 @@ so the router gets a gradient from kept and skipped tokens alike. Decode steps (
 over what each layer holds.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -25,6 +25,11 @@ from .cache_sparse_llava import SparseCache
 from .compat_transformers import CACHE_NAME, checkpointed_call
 from .configuration_pmod import PMoDConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, scatter_slots
+
+
+@dataclass
+class RoutedStream(TokenStream):
+    router_logits: torch.Tensor | None = None  # [batch, slots] the current MoD layer's router output
 
 
 class TokenRouter(nn.Linear):
@@ -61,8 +66,10 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
         if str(layer_idx) not in self.routers or not stream.has_images:
-            return stream if stream.admit is None else replace(stream, admit=None)
-        return replace(stream, admit=self.route(layer_idx, stream))
+            return stream if stream.admit is None else replace(stream, admit=None, router_logits=None)
+        # The router runs once per layer: its logits rank the tokens here and weigh them in `run_layer`.
+        logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1)
+        return RoutedStream.extend(stream, admit=self.route(layer_idx, stream, logits), router_logits=logits)
 
     def routed(self, stream: TokenStream) -> torch.Tensor:
         """`[batch, slots]` bool: the tokens routers may let skip layers."""
@@ -74,10 +81,13 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             routed &= stream.image_offset >= base_tile
         return routed
 
-    def route(self, layer_idx: int, stream: TokenStream) -> torch.Tensor:
-        """`[batch, slots]` bool: the tokens layer `layer_idx` runs on (top `floor(n * R_l)` routed ones and text)."""
+    def route(self, layer_idx: int, stream: TokenStream, logits: torch.Tensor) -> torch.Tensor:
+        """
+        `[batch, slots]` bool: the tokens layer `layer_idx` runs on (top `floor(n * R_l)` routed ones and text), from
+        its router's `logits[batch, slots]`.
+        """
         routed = self.routed(stream)
-        logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1).detach()
+        logits = logits.detach()
         num_kept = (routed.sum(-1).double() * self.config.retention_ratio(layer_idx)).floor().long()
         # Ranked by router logit; ties (e.g. untrained, zero-initialised routers) broken by position.
         score = logits.masked_fill(~routed, -torch.inf)
@@ -91,7 +101,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             raise ValueError("p-MoD layers expect the full token stream")
         x = stream.hidden_states
         routed = self.routed(stream)
-        weight = 1 + self.config.router_weight_scale * torch.tanh(self.routers[str(layer_idx)](x).squeeze(-1))
+        weight = 1 + self.config.router_weight_scale * torch.tanh(stream.router_logits)
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
         kept = replace(stream.select(stream.admit), admit=None)  # what remains is all kept
@@ -124,4 +134,4 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         return h + weight.unsqueeze(-1).to(ffn.dtype) * ffn
 
 
-__all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter"]
+__all__ = ["PMoDLlavaForConditionalGeneration", "RoutedStream", "TokenRouter"]
