@@ -18,9 +18,18 @@ hold image tokens (`image[batch, capacity]`), and a per-row write pointer `next_
   (kept for later tokens) only where the admission mask says so: the pointer moves on by 0 or 1 per row. This step
   is pure tensor code with no host synchronisation (see `write_token`), so it runs at full speed on CUDA.
 
-A prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of `growth_block` slots. The
-host only learns how far the pointers got when the worst case (every token admitted since the last look) could
-overflow the buffer, i.e. at most once every `growth_block` steps.
+Capacity comes in two modes:
+
+* growing (the default): a prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of
+  `growth_block` slots. The host only learns how far the pointers got when the worst case (every token admitted since
+  the last look) could overflow the buffer, i.e. at most once every `growth_block` steps. A layer holds (and attention
+  reads) little more than what it stores, but the shapes change, so a compiled decode step would recompile.
+* fixed (`max_cache_len=N`, as transformers' `StaticCache`; `generate(..., cache_implementation="static")` makes one
+  sized for the prompt and `max_new_tokens`): each layer's buffers are allocated once, at its first chunk, with room for
+  `N` tokens of conversation: the slots that chunk stored plus one per token still to come, so a layer that dropped
+  tokens at prefill gets a smaller buffer. A decode step then has static shapes and no host synchronisation at all (the
+  logical length is a tensor, as in `StaticLayer`), so `torch.compile(model.forward, fullgraph=True)` captures it as
+  one graph that runs for every step, and CUDA graphs can replay it (the buffers are marked as static addresses).
 """
 
 from dataclasses import dataclass
@@ -67,23 +76,37 @@ def write_token(
 
 
 class SparseCacheLayer(DynamicLayer):
-    """One layer of a [`SparseCache`]: key/value buffers, slot validity and per-row write pointers."""
+    """
+    One layer of a [`SparseCache`]: key/value buffers, slot validity and per-row write pointers. With `max_cache_len`
+    the buffers have a fixed capacity (see the module docstring).
+    """
 
     is_croppable = False
 
-    def __init__(self, growth_block: int = 64):
+    def __init__(self, growth_block: int = 64, max_cache_len: int | None = None):
         super().__init__()
         self.growth_block = growth_block
+        self.max_cache_len = max_cache_len
         self.valid: torch.Tensor | None = None
         self.image: torch.Tensor | None = None
         self.next_slot: torch.Tensor | None = None
-        self.cumulative_length = 0
+        # Logical length: a host integer when growing; a tensor updated in place when fixed, so that decode steps
+        # neither read nor write host state (a compiled step would otherwise specialise on it and recompile).
+        self.cumulative_length = 0 if max_cache_len is None else torch.zeros((), dtype=torch.long)
         # Host-side upper bound on max(next_slot): exact after a multi-token chunk, +1 per single-token step.
         self.slot_bound = 0
         self.single_token_step = False
         self.holds_images = False  # whether a chunk with image tokens was stored (known on the host)
 
     # --- storage ------------------------------------------------------------------------------------------------
+
+    @property
+    def fixed(self) -> bool:
+        return self.max_cache_len is not None
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.fixed
 
     @property
     def capacity(self) -> int:
@@ -95,22 +118,41 @@ class SparseCacheLayer(DynamicLayer):
         batch_size, _, _, head_dim = key_states.shape
         self.keys = key_states.new_zeros((batch_size, key_states.shape[1], self.capacity, head_dim))
         self.values = value_states.new_zeros((batch_size, value_states.shape[1], self.capacity, head_dim))
+        if self.fixed:
+            self.mark_static(self.keys, self.values)
 
-    def prepare(self, chunk_length: int, batch_size: int, device: torch.device) -> None:
+    @staticmethod
+    def mark_static(*tensors: torch.Tensor) -> None:
+        """Tell `torch.compile` that these buffers keep their address (updated in place), as `StaticLayer` does, so that
+        CUDA graphs can replay a compiled step. Done on the host, outside a compiled region (prefill)."""
+        if not torch.compiler.is_compiling():
+            for tensor in tensors:
+                torch._dynamo.mark_static_address(tensor)
+
+    def prepare(self, chunk: IncomingChunk) -> None:
         """Get ready to receive a chunk: make room, and for multi-token chunks align the rows' write pointers."""
+        batch_size, chunk_length = chunk.valid.shape
         if self.valid is None:
+            device = chunk.valid.device
             self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
             self.image = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
             self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)
+            if self.fixed:
+                self.cumulative_length = self.cumulative_length.to(device)
         self.single_token_step = chunk_length == 1
-        if self.single_token_step and self.slot_bound + 1 <= self.capacity:
-            return  # the common decode step: no host synchronisation
+        if self.single_token_step and self.capacity and (self.fixed or self.slot_bound + 1 <= self.capacity):
+            # The common decode step: no host synchronisation. A fixed layer always has room (see `allocate_fixed`);
+            # writing past its end would fail on the device, not corrupt anything.
+            return
         # The worst case could overflow, or a multi-token chunk must start at one column in every row: look at where
         # the rows really are (one host sync per `growth_block` decode steps, or per prompt / new turn).
         self.slot_bound = int(self.next_slot.max()) if self.capacity else 0
         if not self.single_token_step:
-            self.next_slot = torch.full_like(self.next_slot, self.slot_bound)
+            self.next_slot.fill_(self.slot_bound)
         if self.slot_bound + chunk_length > self.capacity:
+            if self.fixed:
+                self.allocate_fixed(chunk)
+                return
             # A prompt gets exactly the room it needs; decoding grows the buffers a block at a time.
             slack = self.growth_block if self.single_token_step else 0
             extra = self.slot_bound + chunk_length + slack - self.capacity
@@ -119,6 +161,24 @@ class SparseCacheLayer(DynamicLayer):
             if self.is_initialized:
                 self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
                 self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+
+    def allocate_fixed(self, chunk: IncomingChunk) -> None:
+        """
+        Size a fixed layer's buffers at its first chunk: the slots the chunk takes, plus one per token of conversation
+        still to come (`max_cache_len` minus the tokens seen with this chunk). Every later token adds at most one slot,
+        and a later chunk at most its length, so the buffers never need to grow.
+        """
+        seen = int(self.cumulative_length) + chunk.logical_length
+        if self.capacity or seen > self.max_cache_len:
+            raise ValueError(
+                f"the SparseCache was made for max_cache_len={self.max_cache_len} tokens of conversation, and this "
+                f"chunk brings it to {seen}; make it with a larger max_cache_len (generate() sizes it as the prompt "
+                f"plus max_new_tokens)"
+            )
+        capacity = chunk.valid.shape[1] + self.max_cache_len - seen
+        self.valid = torch.zeros((chunk.valid.shape[0], capacity), dtype=torch.bool, device=chunk.valid.device)
+        self.image = torch.zeros_like(self.valid)
+        self.mark_static(self.valid, self.image, self.next_slot, self.cumulative_length)
 
     def visible_slots(self, chunk: IncomingChunk) -> torch.Tensor:
         """`[batch, slots]` bool: the physical 2-D attention mask for the chunk about to be written."""
@@ -133,12 +193,17 @@ class SparseCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         admit = chunk.valid if chunk.admit is None else chunk.valid & chunk.admit
-        self.cumulative_length += chunk.logical_length
+        if self.fixed:
+            self.cumulative_length.add_(chunk.logical_length)
+        else:
+            self.cumulative_length += chunk.logical_length
         if self.single_token_step:
-            self.next_slot = write_token(
+            advanced = write_token(
                 self.keys, self.values, self.valid, self.next_slot, key_states, value_states, admit[:, 0]
             )
-            self.slot_bound += 1
+            self.next_slot.copy_(advanced)
+            if not self.fixed:
+                self.slot_bound += 1
             return self.keys, self.values
         start, end = self.slot_bound, self.slot_bound + key_states.shape[-2]
         self.keys[..., start:end, :] = key_states
@@ -148,14 +213,18 @@ class SparseCacheLayer(DynamicLayer):
         self.image[:, start:end] = False if chunk.is_image is None else admit & chunk.is_image
         self.holds_images |= chunk.is_image is not None
         # Rows that drop slots of the chunk would leave holes before later slots; holes are harmless (invalid).
-        self.next_slot = torch.full_like(self.next_slot, end)
+        self.next_slot.fill_(end)
         self.slot_bound = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     # --- sizes ----------------------------------------------------------------------------------------------------
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | torch.Tensor:
+        # Fixed layers: a 0-d tensor (as transformers' `StaticLayer`), so that reading it needs no host sync.
         return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.single_token_step:
@@ -193,8 +262,10 @@ class SparseCacheLayer(DynamicLayer):
                 setattr(self, name, function(tensor))
 
     def reset(self) -> None:
-        super().reset()
+        self.keys = self.values = None
+        self.is_initialized = False
         self.valid = self.image = self.next_slot = None
+        self.cumulative_length = 0 if self.max_cache_len is None else torch.zeros((), dtype=torch.long)
         self.slot_bound = 0
         self.holds_images = False
 
@@ -227,27 +298,38 @@ class SparseCache(Cache):
     `sparsity_report()` say what each layer holds.
     """
 
-    def __init__(self, num_layers: int | None = None, config=None, growth_block: int = 64):
+    def __init__(
+        self, num_layers: int | None = None, config=None, growth_block: int = 64, max_cache_len: int | None = None
+    ):
         if num_layers is None:
             if config is None:
                 raise ValueError("SparseCache needs `num_layers` or a `config`")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[SparseCacheLayer(growth_block) for _ in range(num_layers)])
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be a positive number of tokens, got {max_cache_len}")
+        super().__init__(layers=[SparseCacheLayer(growth_block, max_cache_len) for _ in range(num_layers)])
         self._incoming: IncomingChunk | None = None
         # [layer, count, batch] running sums of the models' token counts (see `record`).
         self.token_stats: torch.Tensor | None = None
 
+    @property
+    def max_cache_len(self) -> int | None:
+        """Tokens of conversation a fixed-capacity cache has room for; None for a growing one."""
+        return self.layers[0].max_cache_len
+
     def begin_chunk(self, layer_idx: int, chunk: IncomingChunk) -> torch.Tensor:
         """Announce the chunk the next `update` of `layer_idx` receives; returns the layer's 2-D attention mask."""
         layer = self.layers[layer_idx]
-        layer.prepare(chunk.valid.shape[1], chunk.valid.shape[0], chunk.valid.device)
+        layer.prepare(chunk)
         self._incoming = chunk
         return layer.visible_slots(chunk)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if self._incoming is None:
+        # Taken, not kept: the cache holds no reference to a step's tensors between steps.
+        chunk, self._incoming = self._incoming, None
+        if chunk is None:
             raise RuntimeError("SparseCache.update called without begin_chunk(): use it with a sparse-llava model")
-        return self.layers[layer_idx].update(key_states, value_states, self._incoming)
+        return self.layers[layer_idx].update(key_states, value_states, chunk)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         # Masks are built in the physical index space of the layer (see module docstring).
@@ -291,7 +373,12 @@ class SparseCache(Cache):
                 increments.append(counts.unsqueeze(0).expand(end - start, -1, -1))
                 start = end
         increment = torch.cat(increments)
-        self.token_stats = increment if self.token_stats is None else self.token_stats + increment
+        if self.token_stats is None:
+            self.token_stats = increment
+            if self.max_cache_len is not None:
+                SparseCacheLayer.mark_static(self.token_stats)
+        else:
+            self.token_stats.add_(increment)  # in place, as the layers' buffers
 
     def sparsity_report(self) -> list[dict[str, list[int]]]:
         """Per layer, per row: tokens stored, and kept versus seen for image tokens and for output text."""

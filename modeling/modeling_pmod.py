@@ -16,7 +16,7 @@ so the router gets a gradient from kept and skipped tokens alike. Decode steps (
 over what each layer holds.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -36,6 +36,11 @@ def kept_token_count(num_routed: torch.Tensor, ratio: float) -> torch.Tensor:
     layer 10 of the 32-layer schedule), and released routers were trained keeping exactly the float32 count.
     """
     return torch.trunc(num_routed.to(torch.float32) * ratio).long()
+
+
+@dataclass
+class RoutedStream(TokenStream):
+    router_logits: torch.Tensor | None = None  # [batch, slots] the current MoD layer's router output
 
 
 class TokenRouter(nn.Linear):
@@ -72,8 +77,10 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
     def before_layer(self, layer_idx: int, stream: TokenStream, cache: SparseCache | None) -> TokenStream:
         if str(layer_idx) not in self.routers or not stream.has_images:
-            return stream if stream.admit is None else replace(stream, admit=None)
-        return replace(stream, admit=self.route(layer_idx, stream))
+            return stream if stream.admit is None else replace(stream, admit=None, router_logits=None)
+        # The router runs once per layer: its logits rank the tokens here and weigh them in `run_layer`.
+        logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1)
+        return RoutedStream.extend(stream, admit=self.route(layer_idx, stream, logits), router_logits=logits)
 
     def routed(self, stream: TokenStream) -> torch.Tensor:
         """`[batch, slots]` bool: the tokens routers may let skip layers."""
@@ -85,10 +92,13 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             routed &= stream.image_offset >= base_tile
         return routed
 
-    def route(self, layer_idx: int, stream: TokenStream) -> torch.Tensor:
-        """`[batch, slots]` bool: the tokens layer `layer_idx` runs on (its top `kept_token_count` routed ones and text)."""
+    def route(self, layer_idx: int, stream: TokenStream, logits: torch.Tensor) -> torch.Tensor:
+        """
+        `[batch, slots]` bool: the tokens layer `layer_idx` runs on (its top `kept_token_count` routed ones and text),
+        from its router's `logits[batch, slots]`.
+        """
         routed = self.routed(stream)
-        logits = self.routers[str(layer_idx)](stream.hidden_states).squeeze(-1).detach()
+        logits = logits.detach()
         num_kept = kept_token_count(routed.sum(-1), self.config.retention_ratio(layer_idx))
         # Ranked by router logit; ties (e.g. untrained, zero-initialised routers) broken by position.
         score = logits.masked_fill(~routed, -torch.inf)
@@ -102,7 +112,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             raise ValueError("p-MoD layers expect the full token stream")
         x = stream.hidden_states
         routed = self.routed(stream)
-        weight = 1 + self.config.router_weight_scale * torch.tanh(self.routers[str(layer_idx)](x).squeeze(-1))
+        weight = 1 + self.config.router_weight_scale * torch.tanh(stream.router_logits)
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).
         kept = replace(stream.select(stream.admit), admit=None)  # what remains is all kept
@@ -135,4 +145,4 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         return h + weight.unsqueeze(-1).to(ffn.dtype) * ffn
 
 
-__all__ = ["PMoDLlavaForConditionalGeneration", "TokenRouter", "kept_token_count"]
+__all__ = ["PMoDLlavaForConditionalGeneration", "RoutedStream", "TokenRouter", "kept_token_count"]

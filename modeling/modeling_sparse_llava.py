@@ -13,8 +13,9 @@ A method subclasses [`SparseLlavaForConditionalGeneration`] and overrides `befor
 what a layer computes, `run_layer`).
 """
 
+import copy
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -110,6 +111,11 @@ class TokenStream:
     key_policy: torch.Tensor | None = None
     # Training: a method's regularisation losses by name (already weighted); forward adds them to the LM loss.
     auxiliary_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def extend(cls, stream: "TokenStream", **changes) -> "TokenStream":
+        """`stream` as an instance of `cls` (a method's subclass with fields of its own), with `changes`."""
+        return cls(**{**{field.name: getattr(stream, field.name) for field in fields(stream)}, **changes})
 
     @property
     def has_images(self) -> bool:
@@ -302,25 +308,48 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
     def get_output_embeddings(self):
         return self.lm_head
 
-    def new_cache(self) -> SparseCache:
-        """The cache `generate()` creates for this model."""
-        return SparseCache(config=self.config)
+    def new_cache(self, max_cache_len: int | None = None) -> SparseCache:
+        """
+        The cache `generate()` creates for this model: growing by default; with `max_cache_len`, of fixed capacity
+        for that many tokens of conversation (prompt included), whose decode steps compile to one graph.
+        """
+        return SparseCache(config=self.config, max_cache_len=max_cache_len)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
+        r"""
+        transformers' `generate`, with the [`SparseCache`] this model needs. `cache_implementation="static"` (in the
+        arguments or the generation config) gives the fixed-capacity `SparseCache`, sized as transformers sizes a
+        `StaticCache`: the prompt plus `max_new_tokens` (or `generation_config.max_cache_len`, if larger); its decode
+        steps have static shapes, so `generate` compiles them where it compiles a `StaticCache` model's (on GPUs, or
+        with a `compile_config`). Without it (or with `"dynamic"`), the cache grows as needed. A cache passed as
+        `cache` / `past_key_values` is used as it is.
+        """
         self.check_generation_options(generation_config, kwargs)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         # Tell forward where the generated tokens start, so only they are candidates for output-text dropping.
-        if kwargs.get("output_token_start") is None:
-            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-            if prompt is not None:
-                kwargs["output_token_start"] = prompt.shape[1]
-        # generate() would create a DynamicCache, which cannot hold ragged layers: hand it ours, under the name the
-        # installed transformers uses (a cache the caller passed keeps its place, under either name).
+        if kwargs.get("output_token_start") is None and prompt is not None:
+            kwargs["output_token_start"] = prompt.shape[1]
+        # generate() would create a DynamicCache or StaticCache, which cannot hold ragged layers: hand it ours, under
+        # the name the installed transformers uses (a cache the caller passed keeps its place, under either name).
         cache = take_cache_argument(kwargs)
         settings = generation_config if generation_config is not None else self.generation_config
         use_cache = kwargs.get("use_cache", settings.use_cache)
-        cache_implementation = kwargs.get("cache_implementation", settings.cache_implementation)
-        if cache is None and use_cache is not False and cache_implementation is None:
-            cache = self.new_cache()
+        cache_implementation = kwargs.pop("cache_implementation", settings.cache_implementation)
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"sparse-llava models support cache_implementation 'dynamic' (the default) or 'static', got "
+                f"{cache_implementation!r}"
+            )
+        if settings.cache_implementation is not None:
+            # Ours is made here; transformers would otherwise make its own next to it.
+            settings = copy.deepcopy(settings)
+            settings.cache_implementation = None
+            generation_config = settings
+        if cache is None and use_cache is not False:
+            max_cache_len = None
+            if cache_implementation == "static":
+                max_cache_len = self.fixed_cache_length(prompt, settings, kwargs)
+            cache = self.new_cache(max_cache_len)
         if cache is not None:
             kwargs[CACHE_NAME] = cache
         return super().generate(inputs, generation_config, **kwargs)
@@ -335,6 +364,31 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                     "models. It rolls the cache back past rejected draft tokens, and a SparseCache cannot be cropped: "
                     "after tokens are dropped or not admitted, the last logical tokens map to no fixed set of slots."
                 )
+
+    def fixed_cache_length(self, prompt, settings, kwargs) -> int:
+        """`max_cache_len` of the fixed-capacity cache of a `generate(..., cache_implementation="static")` call."""
+        if prompt is None:
+            raise ValueError('cache_implementation="static" needs the prompt (input_ids or inputs_embeds)')
+        max_new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
+        if max_new_tokens is not None:
+            length = prompt.shape[1] + max_new_tokens
+        else:
+            length = kwargs.get("max_length", settings.max_length)
+        # As a StaticCache: the last generated token is never fed back; a larger `max_cache_len` is honoured (one size
+        # for several calls, so a compiled step is reused).
+        return max(length - 1, kwargs.get("max_cache_len", getattr(settings, "max_cache_len", None)) or 0)
+
+    @staticmethod
+    def create_masks_for_generate(attention_mask=None, **kwargs):
+        """
+        `generate()` turns the 2-D attention mask into a 4-D one for a compileable cache. sparse-llava layers build
+        their own masks from the 2-D one (each layer holds different slots), and forward reads only its last columns:
+        hand those on, so that a decode step gets a `[batch, 1]` mask, the same shape at every step.
+        """
+        embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
+        if attention_mask is None or embeds is None:
+            return attention_mask
+        return attention_mask[:, -embeds.shape[1] :]
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs))
@@ -409,6 +463,8 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         )
         if labels is not None:
             stream = replace(stream, labels=labels.to(stream.valid.device))
+        elif isinstance(logits_to_keep, int) and logits_to_keep == 1:
+            stream = replace(stream, last_logits_only=True)  # as generate() asks: methods may drop more
         stream, token_counts = self.run_decoder(stream, cache, **kwargs)
         hidden_states = self.language_model.norm(stream.hidden_states)
         hidden_states = self.restore_input_positions(hidden_states, stream, inputs_embeds.shape[1])
@@ -532,8 +588,14 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         batch_size, seq_len = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         past_seen = cache.get_seq_length() if cache is not None else 0
+        # A fixed-capacity cache counts in a tensor, so that its decode steps never wait for the device; a chunk (a
+        # prompt, a new turn) may look on the host.
+        if isinstance(past_seen, torch.Tensor) and seq_len > 1:
+            past_seen = int(past_seen)
+        on_host = not isinstance(past_seen, torch.Tensor)
         max_positions = self.config.get_text_config().max_position_embeddings
-        if past_seen <= max_positions < past_seen + seq_len:  # warned once per conversation: when it crosses the limit
+        # Warned once per conversation, when it crosses the limit (not checked in fixed-cache decode steps: no host read).
+        if on_host and past_seen <= max_positions < past_seen + seq_len:
             warnings.warn(
                 f"the input reaches position {past_seen + seq_len} (cache included), beyond the model's "
                 f"max_position_embeddings ({max_positions}); outputs past that length are unreliable",
@@ -541,19 +603,21 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             )
         if position_ids is None:
             # As transformers' LlamaModel: consecutive positions after what the cache has seen.
-            position_ids = torch.arange(past_seen, past_seen + seq_len, device=device).unsqueeze(0)
+            position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)
         position_ids = position_ids.expand(batch_size, -1)
         if attention_mask is None:
             valid = torch.ones((batch_size, seq_len), dtype=torch.bool, device=device)
         else:
             valid = attention_mask[:, -seq_len:].to(device=device, dtype=torch.bool)
-        columns = torch.arange(past_seen, past_seen + seq_len, device=device).expand(batch_size, -1)
+        columns = (torch.arange(seq_len, device=device) + past_seen).expand(batch_size, -1)
+        # `has_output_tokens` is known on the host; where it is not (a fixed cache's decode step), it says "maybe" and
+        # `is_output` decides.
         if output_token_start is not None:
-            has_output_tokens = past_seen + seq_len > output_token_start
+            has_output_tokens = past_seen + seq_len > output_token_start if on_host else True
             is_output = (columns >= output_token_start) & valid
         else:
-            has_output_tokens = cache is not None and past_seen > 0 and seq_len == 1
-            is_output = valid & has_output_tokens
+            has_output_tokens = cache is not None and seq_len == 1 and (not on_host or past_seen > 0)
+            is_output = valid & (has_output_tokens if on_host else past_seen > 0)
         return TokenStream(
             hidden_states=inputs_embeds,
             position_ids=position_ids,

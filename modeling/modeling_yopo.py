@@ -19,7 +19,7 @@ Attention in the YOPO layers runs through `torch.nn.functional.scaled_dot_produc
 queries over every slot, vision queries per window tile), whatever `attn_implementation` says.
 """
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +64,6 @@ class WindowBlocks:
 @dataclass
 class YopoStream(TokenStream):
     layout: VisionLayout | None = None  # set at the first layer of a chunk with images
-
-    @classmethod
-    def extend(cls, stream: TokenStream, layout: VisionLayout) -> "YopoStream":
-        return cls(**{field.name: getattr(stream, field.name) for field in fields(stream)}, layout=layout)
 
 
 @dataclass
@@ -178,6 +174,13 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             self._index_tensors[key] = mask.to(device)
         return self._index_tensors[key]
 
+    def index_tensor(self, indices: list[int], device) -> torch.Tensor:
+        """`indices` as a LongTensor on `device` (cached per device)."""
+        key = ("index", tuple(indices), device)
+        if key not in self._index_tensors:
+            self._index_tensors[key] = torch.tensor(indices, dtype=torch.long, device=device)
+        return self._index_tensors[key]
+
     def head_index(self, heads: list[int], head_dim: int, device) -> torch.Tensor:
         """Row indices of the given heads in a `[heads * head_dim, ...]` projection weight (cached per device)."""
         key = (tuple(heads), head_dim, device)
@@ -194,7 +197,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         if not stream.has_images:
             return stream
         if layer_idx == 0:
-            stream = YopoStream.extend(stream, self.vision_layout(stream))
+            stream = YopoStream.extend(stream, layout=self.vision_layout(stream))
         if layer_idx == self.config.vision_layer_cutoff and self.config.attention_semantics == "renormalize":
             # Rows are right-aligned: the last slot is each row's last token, whose logits predict what comes next.
             if bool((stream.is_image[:, -1] & stream.valid[:, -1]).any()):
@@ -377,8 +380,9 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             vision_output = self.vision_attention(
                 attention,
                 query,
-                keys[:, kv_of_query],
-                values[:, kv_of_query],
+                keys,
+                values,
+                self.index_tensor(kv_of_query, device),
                 slots_valid,
                 slot_is_image,
                 layout,
@@ -414,24 +418,43 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
         return output.transpose(1, 2).flatten(2)
 
     def vision_attention(
-        self, attention, query, keys, values, slots_valid, slot_is_image, layout, past, vision_key, vision_value, plan
+        self,
+        attention,
+        query,
+        keys,
+        values,
+        kv_heads,
+        slots_valid,
+        slot_is_image,
+        layout,
+        past,
+        vision_key,
+        vision_value,
+        plan,
     ):
-        """Vision queries of the kept heads: the text before them and their window neighbours (or every key causally)."""
+        """
+        Vision queries of the kept heads: the text before them and their window neighbours (or every key causally).
+        `keys` / `values` hold every key/value head; `kv_heads[heads]` is the one each query head reads.
+        """
         batch_size, num_heads, num_visions, head_dim = query.shape
         query_slot = past + layout.vision_index  # [batch, visions]
         if not plan.window:
             key_slot = torch.arange(keys.shape[2], device=keys.device)
             allowed = slots_valid[:, None, :] & (key_slot <= query_slot.unsqueeze(-1))
             allowed = (allowed | ~layout.vision_present.unsqueeze(-1)).unsqueeze(1)
-            output = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=attention.scaling)
+            output = F.scaled_dot_product_attention(
+                query, keys[:, kv_heads], values[:, kv_heads], attn_mask=allowed, scale=attention.scaling
+            )
             return output.transpose(1, 2).flatten(2)
 
         # Text keys: the past slots that are not image tokens (compacted: earlier images' slots are never read here),
-        # and the chunk's text tokens before the query.
+        # and the chunk's text tokens before the query; gathered for the kept heads in one copy, so that no vision slot
+        # (of the chunk or of earlier images) is copied.
         past_index, past_present = left_aligned(slots_valid[:, :past] & ~slot_is_image[:, :past])
         text_slots = torch.cat([past_index, past + layout.text_index], dim=1)
-        text_keys = gather_slots(keys.transpose(1, 2), text_slots).transpose(1, 2)
-        text_values = gather_slots(values.transpose(1, 2), text_slots).transpose(1, 2)
+        rows = torch.arange(batch_size, device=keys.device)[:, None, None]
+        text_keys = keys[rows, kv_heads[None, :, None], text_slots[:, None, :]]  # [batch, heads, texts, head_dim]
+        text_values = values[rows, kv_heads[None, :, None], text_slots[:, None, :]]
         chunk_visible = layout.text_present[:, None, :] & (
             layout.text_index[:, None, :] < layout.vision_index[:, :, None]
         )

@@ -95,7 +95,7 @@ def test_router_keeps_the_reference_count_at_2365_tokens(deep_bases):
     image_offset = torch.tensor([-1] * num_text + list(range(num_vision)))[None]
     stream = model.make_stream(hidden, None, None, None, (image_index, image_offset), (num_vision,), None, None)
     with torch.no_grad():
-        kept = model.route(10, stream)
+        kept = model.route(10, stream, model.routers["10"](stream.hidden_states).squeeze(-1))
     assert int((kept & stream.is_image).sum()) == 1808 and bool(kept[:, :num_text].all())
 
 
