@@ -1,7 +1,7 @@
 """Cost of sparse-llava models against transformers' dense LLaVA, measured in one run.
 
     python benchmarks/run.py [--quick] [--json results.json] [--plot figure.png] [--device cpu|cuda]
-                             [--new-tokens 256 1024 4096]
+                             [--new-tokens 256 1024] [--decode-tokens 1024] [--no-compile] [--threads N]
 
 All models of a shape share the same random weights. Two mid-size shapes (hidden 1024; the vision tower is kept small
 so that the language model, which the methods act on, dominates):
@@ -13,15 +13,25 @@ For each method it measures, on the LLaVA-1.5 shape,
 
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
   after a warm-up);
-* the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`), and
-  decode tokens/s with the cache;
+* the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`);
+* decode tokens/s over `--decode-tokens` new tokens, at batch 1 and 8 (rows of different prompts), against dense
+  LLaVA's strongest set-ups: its `StaticCache` eagerly (the baseline of the ratios) and compiled, next to its
+  `DynamicCache` (for reference). Each method runs its default growing `SparseCache`, the fixed-capacity one
+  (`cache_implementation="static"`) eagerly, and that compiled, by `generate()` itself (`compile_config`, inductor;
+  on CPU with transformers' private `_compile_all_devices` switch), after an untimed compiling generation. A step's
+  time is its fastest over the repeats, which keeps the numbers readable on a loaded machine;
+* throughput within a KV-cache budget, what dense LLaVA's `StaticCache` holds for 4 rows: the largest batch each
+  method's default cache fits (bytes per row measured at batch 8, checked at the batch found) and its tokens/s there;
+  for the fixed-capacity cache, whose size is known after the prefill, the largest batch;
+* the FLOPs of one decode step without a cache (the whole sequence after the decode-speed run's tokens, last
+  position's logits only, as `generate(use_cache=False)` runs it);
 * peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
   of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
   above what the process held once the model was built (`peak_memory_above_model`);
 
-and prefill FLOPs, prefill time, KV after prefill and peak memory on the LLaVA-NeXT shape (`next_*`). `--plot` draws
-KV-cache bytes and cumulative decode FLOPs against output tokens for every method (needs matplotlib:
-`pip install sparse-llava[plot]`).
+and prefill FLOPs, prefill time, KV after prefill and peak memory on the LLaVA-NeXT shape (`next_*`; `--quick`: no
+peak memory there). `--plot` draws KV-cache bytes and cumulative decode FLOPs against output tokens for every method
+(needs matplotlib: `pip install sparse-llava[plot]`).
 
 Untrained predictors would make arbitrary decisions, so the decisions are forced to the paper's keep rates:
 * Dynamic-LLaVA's image predictor keeps its top `floor(0.2 n)` image tokens whatever its weights (a fixed count);
@@ -37,6 +47,7 @@ Ratios are against dense LLaVA in the same run (dense = 1.00). Nothing here is a
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -46,8 +57,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import (
-    DynamicCache,
+    CompileConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -68,9 +80,11 @@ from sparse_llava import (  # noqa: E402
     YopoConfig,
     YopoLlavaForConditionalGeneration,
 )
+from sparse_llava.cache_sparse_llava import SparseCache  # noqa: E402
 from sparse_llava.compat_transformers import CACHE_NAME  # noqa: E402
 from sparse_llava.configuration_yopo import preset_settings  # noqa: E402
 from sparse_llava.flops import flop_counter  # noqa: E402
+from sparse_llava.modeling_sparse_llava import SparseLlavaForConditionalGeneration  # noqa: E402
 
 IMAGE_TOKEN_ID = 32000
 NEXT_IMAGE_SIZE = (672, 672)  # a 2 x 2 tile grid: 576 base + 48 x (48 + 1) high-resolution tokens = 2,928
@@ -115,17 +129,24 @@ def image_tokens(config) -> int:
     return side * side + height * (width + 1)
 
 
-def make_inputs(config, device) -> dict:
+def make_inputs(config, device, batch: int = 1) -> dict:
+    """`batch` different prompts of the same shape (each row its own text and image; row 0 the same for any batch)."""
     generator = torch.Generator().manual_seed(0)
-    # A short LLaVA-1.5-style prompt: system text, the image, the question.
-    before, after = torch.randint(100, 30000, (1, 12), generator=generator), torch.randint(100, 30000, (1, 12))
-    input_ids = torch.cat([before, torch.full((1, image_tokens(config)), IMAGE_TOKEN_ID), after], dim=1)
+    rows = []
+    for _ in range(batch):
+        # A short LLaVA-1.5-style prompt: system text, the image, the question.
+        before, after = (torch.randint(100, 30000, (1, 12), generator=generator) for _ in range(2))
+        input_ids = torch.cat([before, torch.full((1, image_tokens(config)), IMAGE_TOKEN_ID), after], dim=1)
+        if config.model_type == "llava":
+            pixel_values = torch.randn(1, 3, 336, 336, generator=generator)
+        else:
+            pixel_values = torch.randn(1, 5, 3, 336, 336, generator=generator)
+        rows.append((input_ids, pixel_values))
+    input_ids = torch.cat([row[0] for row in rows])
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if config.model_type == "llava":
-        inputs["pixel_values"] = torch.randn(1, 3, 336, 336, generator=generator)
-    else:
-        inputs["pixel_values"] = torch.randn(1, 5, 3, 336, 336, generator=generator)
-        inputs["image_sizes"] = torch.tensor([NEXT_IMAGE_SIZE])
+    inputs["pixel_values"] = torch.cat([row[1] for row in rows])
+    if config.model_type != "llava":
+        inputs["image_sizes"] = torch.tensor([NEXT_IMAGE_SIZE] * batch)
     return {key: value.to(device) for key, value in inputs.items()}
 
 
@@ -205,10 +226,13 @@ def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds
 
 
 def kv_bytes(cache, stored_only: bool = False) -> int:
-    """Bytes of the KV cache as allocated (`stored_only`: of the tokens it holds, leaving out unused capacity)."""
-    if isinstance(cache, DynamicCache):
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    return cache.memory_bytes() if stored_only else cache.allocated_bytes()
+    """
+    Bytes of the KV cache as allocated (`stored_only`: of the tokens it holds, leaving out unused capacity). A dense
+    `DynamicCache` holds exactly its tokens; a `StaticCache` is counted as allocated, as a `SparseCache`.
+    """
+    if isinstance(cache, SparseCache):
+        return cache.memory_bytes() if stored_only else cache.allocated_bytes()
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
 def synchronize(device) -> None:
@@ -282,7 +306,7 @@ def measure_prefill(model, inputs, repeats, device) -> dict:
 
 def vision_kv_bytes(cache, inputs) -> int:
     """Bytes of the image tokens' keys and values in the cache (dense LLaVA keeps every image token in every layer)."""
-    if isinstance(cache, DynamicCache):
+    if not isinstance(cache, SparseCache):
         image_tokens = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
         return sum(image_tokens * layer.keys[0, :, 0].numel() * layer.keys.element_size() * 2 for layer in cache.layers)
     return sum(
@@ -291,37 +315,199 @@ def vision_kv_bytes(cache, inputs) -> int:
     )
 
 
+def keep_rates(cache, suffix: str) -> dict:
+    """The last layer's kept fractions of image and output-text tokens, over all rows (sparse caches only)."""
+    if not hasattr(cache, "sparsity_report"):
+        return {}
+    last = cache.sparsity_report()[-1]
+    return {
+        f"output_keep_rate_{suffix}": sum(last["output_text_kept"]) / max(sum(last["output_text_seen"]), 1),
+        f"image_keep_rate_{suffix}": sum(last["image_kept"]) / max(sum(last["image_seen"]), 1),
+    }
+
+
 def measure_decode(name, model, inputs, new_tokens, device) -> dict:
+    """KV-cache bytes (and what the methods kept) after N new tokens, with each model's default cache, batch 1."""
     result = {}
     for count in new_tokens:
         if hasattr(model, "output_text_score_predictor"):
             force_output_keep_rate(model, inputs, tokens=count)
-        prefill_end = []
-
-        def mark_prefill_end(module, args, output, prefill_end=prefill_end):
-            if not prefill_end:
-                synchronize(device)
-                prefill_end.append(time.perf_counter())
-
-        handle = model.register_forward_hook(mark_prefill_end)
-        try:
-            start = time.perf_counter()
-            output = model.generate(
-                **inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, return_dict_in_generate=True
-            )
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-        finally:
-            handle.remove()
-        result[f"kv_bytes_{count}"] = kv_bytes(getattr(output, CACHE_NAME))
-        # Tokens after the first (which the prefill produces) over the time after the prefill.
-        result[f"decode_tps_{count}"] = (count - 1) / (start + elapsed - prefill_end[0])
-        if hasattr(getattr(output, CACHE_NAME), "sparsity_report"):
-            last = getattr(output, CACHE_NAME).sparsity_report()[-1]
-            result[f"output_keep_rate_{count}"] = last["output_text_kept"][0] / max(last["output_text_seen"][0], 1)
-            result[f"image_keep_rate_{count}"] = last["image_kept"][0] / max(last["image_seen"][0], 1)
-        print(f"  {name}: {count} new tokens in {elapsed:.1f} s", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        output, _ = timed_generate(model, inputs, count, device)
+        cache = getattr(output, CACHE_NAME)
+        result[f"kv_bytes_{count}"] = kv_bytes(cache)
+        result.update(keep_rates(cache, str(count)))
+        print(f"  {name}: {count} new tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode speed: set-ups, batches, a KV-cache budget, and decoding without a cache.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Dense LLaVA: transformers' DynamicCache (for reference), its StaticCache (the baseline), and that compiled. The
+# methods: their default growing SparseCache, the fixed-capacity one, and that compiled.
+SETUPS = {"dense": ("dynamic", "static", "compiled"), "sparse": ("eager", "static", "compiled")}
+BUDGET_BATCH = 4  # the KV-cache budget: what dense LLaVA's StaticCache takes for this many rows
+
+
+def setups_of(name: str) -> tuple[str, ...]:
+    return SETUPS["dense" if name == "dense" else "sparse"]
+
+
+def timed_generate(model, inputs, tokens: int, device, **settings):
+    """
+    Greedy `generate()` of `tokens` new tokens; returns its output and the time of each decode step. Steps are marked
+    where `generate()` prepares each forward's inputs, outside any compiled region (a forward hook would be compiled
+    into the graph), so the first step starts when the prefill has ended.
+    """
+    marks = []
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)  # generate() reads its signature
+    def marked(*args, **kwargs):
+        synchronize(device)
+        marks.append(time.perf_counter())
+        return original(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = marked
+    try:
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                **settings,
+            )
+        synchronize(device)
+        marks.append(time.perf_counter())
+    finally:
+        del model.prepare_inputs_for_generation
+    # marks[0]: before the prefill; marks[1]: before the first decode step; the last: after the last step.
+    return output, [end - start for start, end in zip(marks[1:], marks[2:])]
+
+
+def decode_settings(setup: str, max_cache_len: int, device) -> dict:
+    """`generate()` arguments of a set-up ("dynamic" / "eager": the model's default cache)."""
+    if setup in ("dynamic", "eager"):
+        return {}
+    settings = {"cache_implementation": "static", "max_cache_len": max_cache_len}
+    if setup == "compiled":
+        cuda = torch.device(device).type == "cuda"
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
+        # generate() compiles on its own only on GPUs; transformers' switch for other devices (a private attribute).
+        compile_config._compile_all_devices = True
+        settings["compile_config"] = compile_config
+    return settings
+
+
+def decode_rate(step_times: list[list[float]], batch: int) -> float:
+    """Decode tokens/s: rows times steps over the steps' time, each step timed by its fastest repeat (robust to the
+    load of a shared machine)."""
+    fastest = [min(times) for times in zip(*step_times)]
+    return batch * len(fastest) / sum(fastest)
+
+
+def measure_setup(name, model, inputs, tokens: int, setup: str, repeats: int, device):
+    """Decode tokens/s of one model in one set-up, and the last repeat's output. Compiled set-ups are compiled by an
+    untimed short generation first (the same cache size, so the timed runs reuse the graph)."""
+    batch, width = inputs["input_ids"].shape
+    settings = decode_settings(setup, width + tokens - 1, device)
+    if setup == "compiled":
+        start = time.perf_counter()
+        timed_generate(model, inputs, 3, device, **settings)
+        print(f"  {name}: compiled for batch {batch} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        graphs = counters["stats"]["unique_graphs"]
+    step_times = []
+    for _ in range(repeats):
+        output, steps = timed_generate(model, inputs, tokens, device, **settings)
+        step_times.append(steps)
+    if setup == "compiled" and counters["stats"]["unique_graphs"] != graphs:
+        print(f"  warning: {name} recompiled while decoding (batch {batch})", file=sys.stderr)
+    rate = decode_rate(step_times, batch)
+    print(f"  {name}: batch {batch}, {setup}: {rate:.1f} tokens/s", file=sys.stderr, flush=True)
+    return rate, output
+
+
+def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> dict:
+    """
+    Decode tokens/s of every model in its set-ups (`plan["compiled"]`: the models compiled at each batch) at each
+    batch, the KV-cache bytes per row they took (for the budget), and the sequences generated at batch 1.
+    """
+    results = {name: {} for name in models}
+    tokens = plan["tokens"]
+    single = make_inputs(config, device)
+    for model in models.values():
+        if hasattr(model, "output_text_score_predictor"):
+            force_output_keep_rate(model, single, tokens=tokens)
+    for batch in plan["batches"]:
+        inputs = make_inputs(config, device, batch)
+        for name, model in models.items():
+            for setup in setups_of(name):
+                if setup == "compiled" and name not in plan["compiled"].get(batch, ()):
+                    continue
+                if setup == "static" and name != "dense" and not plan["fixed_eager"]:
+                    continue
+                rate, output = measure_setup(name, model, inputs, tokens, setup, repeats, device)
+                cache = getattr(output, CACHE_NAME)
+                results[name][f"decode_tps_b{batch}_{setup}"] = rate
+                results[name][f"kv_bytes_per_row_b{batch}_{setup}"] = kv_bytes(cache) / batch
+                results[name].update(keep_rates(cache, f"b{batch}_{setup}"))
+                if batch == 1 and setup in ("dynamic", "eager"):
+                    results[name]["sequence"] = output.sequences
+    return results
+
+
+def measure_kv_budget(models, config, device, plan: dict, speeds: dict, repeats: int) -> dict:
+    """
+    Throughput within a KV-cache budget, dense LLaVA's StaticCache of `BUDGET_BATCH` rows: the largest batch each
+    model fits (its bytes per row as measured at the largest batch above, rows of different prompts; a method's
+    default growing cache, counted as allocated) and its decode tokens/s there. For the fixed-capacity cache, whose
+    size is known before decoding, the largest batch only.
+    """
+    tokens, widest = plan["tokens"], max(plan["batches"])
+    budget = BUDGET_BATCH * speeds["dense"][f"kv_bytes_per_row_b{widest}_static"]
+    results = {}
+    for name, model in models.items():
+        setup = "static" if name == "dense" else "eager"
+        batch = int(budget // speeds[name][f"kv_bytes_per_row_b{widest}_{setup}"])
+        while batch >= 1:
+            rate, output = measure_setup(
+                name, model, make_inputs(config, device, batch), tokens, setup, repeats, device
+            )
+            used = kv_bytes(getattr(output, CACHE_NAME))
+            if used <= budget:
+                break
+            print(f"  {name}: {used} bytes at batch {batch} exceed the budget of {budget:.0f}", file=sys.stderr)
+            batch -= 1
+        results[name] = {"kv_budget_batch": batch, "kv_budget_tps": rate, "kv_budget_bytes": used}
+        if name != "dense":
+            # A fixed-capacity cache's size is known after the prefill: one row of it.
+            single = make_inputs(config, device)
+            cache = model.new_cache(max_cache_len=single["input_ids"].shape[1] + tokens - 1)
+            with torch.no_grad():
+                model(**single, cache=cache, use_cache=True, logits_to_keep=1)
+            results[name]["kv_budget_batch_fixed"] = int(budget // kv_bytes(cache))
+    return results
+
+
+def no_cache_step_flops(model, inputs, sequence) -> int:
+    """FLOPs of one decode step without a cache, as `generate(use_cache=False)` runs it: the whole sequence so far
+    (prompt and generated tokens), only the last position's logits."""
+    step = {
+        "input_ids": sequence[:, :-1],
+        "attention_mask": torch.ones_like(sequence[:, :-1]),
+        "pixel_values": inputs["pixel_values"],
+        "use_cache": False,
+        "logits_to_keep": 1,
+    }
+    if isinstance(model, SparseLlavaForConditionalGeneration):
+        step["output_token_start"] = inputs["input_ids"].shape[1]
+    with torch.no_grad(), flop_counter() as counter:
+        model(**step)
+    return counter.get_total_flops()
 
 
 def decode_trace(model, inputs, tokens: int) -> dict:
@@ -370,31 +556,103 @@ def plot(traces: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def decode_plan(args) -> dict:
+    """What the decode-speed part measures: new tokens, batches, which models are compiled at which batch, and whether
+    the fixed-capacity cache is also timed eagerly."""
+    if args.no_compile:
+        compiled = {}
+    elif args.quick:
+        compiled = {1: ("dense", "dynamic-llava")}  # compiling takes about a minute a model on 2 cores
+    else:
+        compiled = {1: METHODS, 8: METHODS}
+    return {
+        "tokens": args.decode_tokens or (64 if args.quick else 1024),
+        "batches": (1, 8),
+        "compiled": compiled,
+        "fixed_eager": not args.quick,
+    }
+
+
+def decode_ratios(absolute: dict, plan: dict) -> dict:
+    """
+    Per model and batch, decode tokens/s against dense LLaVA with a StaticCache in the same run: eager against eager
+    (the method's default cache; dense: its DynamicCache), the fixed-capacity cache eagerly, compiled against dense
+    compiled, and compiled against the model's own eager default; then the KV-budget batch and tokens/s against
+    dense's, and the FLOPs of a no-cache decode step against dense's.
+    """
+    dense = absolute["dense"]
+    ratios = {}
+    for name, values in absolute.items():
+        default = "dynamic" if name == "dense" else "eager"
+        row = {}
+        for batch in plan["batches"]:
+
+            def tps(setup, values=values, batch=batch):
+                return values.get(f"decode_tps_b{batch}_{setup}")
+
+            def over(numerator, denominator):
+                return None if numerator is None or denominator is None else numerator / denominator
+
+            baseline = dense[f"decode_tps_b{batch}_static"]
+            row[f"b{batch}_eager"] = over(tps(default), baseline)
+            row[f"b{batch}_fixed"] = over(tps("static"), baseline)
+            row[f"b{batch}_compiled"] = over(tps("compiled"), dense.get(f"decode_tps_b{batch}_compiled"))
+            row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static" if name == "dense" else "eager"))
+        row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
+        row["kv_budget_batch_fixed"] = (
+            values["kv_budget_batch_fixed"] / dense["kv_budget_batch"] if "kv_budget_batch_fixed" in values else None
+        )
+        row["kv_budget_tps"] = values["kv_budget_tps"] / dense["kv_budget_tps"]
+        row["no_cache_step_flops"] = values["no_cache_step_flops"] / dense["no_cache_step_flops"]
+        ratios[name] = row
+    return ratios
+
+
+def print_table(title: str, rows: dict, keys: list[str]) -> None:
+    print(title)
+    widths = [max(10, len(key)) + 2 for key in keys]
+    print(f"{'method':<16}" + "".join(f"{key:>{width}}" for key, width in zip(keys, widths)))
+    for name, values in rows.items():
+        cells = ["-" if values.get(key) is None else f"{values[key]:.2f}" for key in keys]
+        print(f"{name:<16}" + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--quick", action="store_true", help="CI-sized run: 256 new tokens, 1 timed repeat, peak memory over 32 tokens"
+        "--quick",
+        action="store_true",
+        help="CI-sized run: KV bytes at 128 new tokens, decode speed over 64, 1 timed repeat, dense and Dynamic-LLaVA "
+        "compiled at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 shape",
     )
-    parser.add_argument("--new-tokens", type=int, nargs="+", default=None)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=None, help="KV bytes after these many tokens")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the decode-speed runs")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--plot", default=None, help="draw KV bytes and decode FLOPs against output tokens here")
     parser.add_argument("--peak-memory-of", nargs=3, metavar=("SHAPE", "MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_memory_of:  # the child process of `peak_memory`
         shape, name, tokens = args.peak_memory_of
         peak_memory_child(shape, name, int(tokens), args.device)
         return
-    new_tokens = args.new_tokens or ([256] if args.quick else [256, 1024, 4096])
+    new_tokens = args.new_tokens or ([128] if args.quick else [256, 1024])
     repeats = args.repeats or (1 if args.quick else 5)
+    decode_repeats = args.repeats or (1 if args.quick else 2)
+    plan = decode_plan(args)
     longest = max(new_tokens)
     peak_tokens = min(32, longest) if args.quick else longest
 
     absolute, traces = {}, {}
     for shape in ("llava-1.5", "llava-next"):
+        config = base_config(shape)
         models = build_models(shape, args.device)
-        inputs = make_inputs(base_config(shape), args.device)
+        inputs = make_inputs(config, args.device)
         prefix = "" if shape == "llava-1.5" else "next_"
         for name, model in models.items():
             print(f"measuring {name} ({shape})", file=sys.stderr, flush=True)
@@ -404,11 +662,20 @@ def main() -> None:
             )
             if shape == "llava-1.5":
                 values.update(measure_decode(name, model, inputs, new_tokens, args.device))
-                values["decode_tps"] = values[f"decode_tps_{longest}"]
                 if args.plot:
                     traces[name] = decode_trace(model, inputs, longest)
+        if shape == "llava-1.5":
+            print(f"decode speed over {plan['tokens']} new tokens", file=sys.stderr, flush=True)
+            speeds = measure_decode_speed(models, config, args.device, plan, decode_repeats)
+            budget = measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
+            for name, model in models.items():
+                sequence = speeds[name].pop("sequence")
+                absolute[name].update(speeds[name], **budget[name])
+                absolute[name]["no_cache_step_flops"] = no_cache_step_flops(model, inputs, sequence)
         del models
         for name in METHODS:
+            if args.quick and shape != "llava-1.5":
+                continue
             tokens = peak_tokens if shape == "llava-1.5" else 0
             memory = peak_memory(shape, name, tokens, args.device)
             absolute[name].update({prefix + key: value for key, value in memory.items()})
@@ -420,7 +687,6 @@ def main() -> None:
         "kv_bytes_prefill",
         "kv_vision_bytes_prefill",
         *[f"kv_bytes_{n}" for n in new_tokens],
-        "decode_tps",
         "peak_memory",
         "peak_memory_above_model",
         "next_prefill_flops",
@@ -432,21 +698,26 @@ def main() -> None:
     ]
     ratios = {
         name: {
-            **{key: values[key] / dense[key] if dense[key] else None for key in ratio_keys},
+            **{key: values[key] / dense[key] if dense.get(key) else None for key in ratio_keys},
             "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
         }
         for name, values in absolute.items()
     }
+    decode = decode_ratios(absolute, plan)
 
-    print(
-        f"\nratios against dense LLaVA (dense = 1.00); decode_tps at {longest} new tokens, peak memory over a prefill and"
-        f" {peak_tokens} new tokens (LLaVA-NeXT shape: prefill only)"
+    print_table(
+        f"\nratios against dense LLaVA (dense = 1.00); peak memory over a prefill and {peak_tokens} new tokens "
+        "(LLaVA-NeXT shape: prefill only)",
+        ratios,
+        ratio_keys,
     )
-    widths = [max(10, len(key)) + 2 for key in ratio_keys]
-    print(f"{'method':<16}" + "".join(f"{key:>{width}}" for key, width in zip(ratio_keys, widths)))
-    for name, values in ratios.items():
-        cells = ["-" if values[key] is None else f"{values[key]:.2f}" for key in ratio_keys]
-        print(f"{name:<16}" + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
+    print_table(
+        f"\ndecode over {plan['tokens']} new tokens against dense LLaVA with a StaticCache (eager: the method's default "
+        "cache, dense's DynamicCache; fixed: the fixed-capacity cache, eager; compiled: against dense compiled; "
+        f"compiled_vs_eager: the model's own; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
+        decode,
+        list(next(iter(decode.values()))),
+    )
     print("\nabsolute values")
     for name, values in absolute.items():
         shown = ", ".join(f"{key}={value:.3g}" for key, value in values.items())
@@ -459,9 +730,11 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "load_average": os.getloadavg(),
     }
     if args.json:
-        Path(args.json).write_text(json.dumps({"methods": ratios, "absolute": absolute, "machine": machine}, indent=2))
+        results = {"methods": ratios, "decode": decode, "plan": plan, "absolute": absolute, "machine": machine}
+        Path(args.json).write_text(json.dumps(results, indent=2))
     if args.plot:
         plot(traces, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)

@@ -68,10 +68,10 @@ def write_token(
     the token keeps its pointer, so the slot is overwritten by the next token. Being in place, it is for inference:
     autograd cannot go back through several cached steps.
     """
-    rows = torch.arange(keys.shape[0], device=keys.device)
-    keys[rows, :, next_slot] = new_key[:, :, 0]
-    values[rows, :, next_slot] = new_value[:, :, 0]
-    valid[rows, next_slot] = admit
+    slot = next_slot.view(-1, 1, 1, 1)
+    keys.scatter_(2, slot.expand_as(new_key), new_key)
+    values.scatter_(2, slot.expand_as(new_value), new_value)
+    valid.scatter_(1, next_slot[:, None], admit[:, None])
     return next_slot + admit.long()
 
 
@@ -183,8 +183,8 @@ class SparseCacheLayer(DynamicLayer):
     def visible_slots(self, chunk: IncomingChunk) -> torch.Tensor:
         """`[batch, slots]` bool: the physical 2-D attention mask for the chunk about to be written."""
         if self.single_token_step:
-            current = torch.arange(self.capacity, device=self.valid.device) == self.next_slot[:, None]
-            return self.valid | (current & chunk.valid)
+            # The slot at the pointer is free (unused, or holding a token that was not admitted): the new token sees it.
+            return self.valid.scatter(1, self.next_slot[:, None], chunk.valid)
         return torch.cat([self.valid[:, : self.slot_bound], chunk.valid], dim=-1)
 
     def update(

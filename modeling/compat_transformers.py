@@ -29,7 +29,9 @@ checks each one and fails with a message naming it when a release changes it:
 4. `create_causal_mask(..., layer_idx=, and_mask_function=, allow_is_causal_skip=)` and the cache's
    `get_query_offset(layer_idx)` / layer `get_mask_sizes(query_length)` it calls (5.15+): masks sized per layer, in
    the layer's physical slots (`create_layer_causal_mask`); on 4.57 `ALL_MASK_ATTENTION_FUNCTIONS`, `and_masks` and
-   `causal_mask_function` of `transformers.masking_utils`;
+   `causal_mask_function` of `transformers.masking_utils`; and the masks the sdpa and eager backends take for a
+   single query (`[batch, 1, 1, slots]`, bool True-where-attended / additive float), which decode steps build directly
+   (`single_query_mask`);
 5. the decoder layer's call, `LlamaDecoderLayer(hidden_states, attention_mask, <CACHE_NAME>=, use_cache=,
    position_embeddings=)`, and its attention's, `LlamaAttention(hidden_states, position_embeddings, attention_mask,
    <CACHE_NAME>=) -> (output, weights)`, which call `cache.update(keys, values, layer_idx, ...)`;
@@ -42,11 +44,15 @@ checks each one and fails with a message naming it when a release changes it:
    `gate_proj`, `up_proj`, `down_proj`, `act_fn`, `intermediate_size`;
 9. functions of transformers' model files: `apply_rotary_pos_emb`, `repeat_kv`, `rotate_half`
    (`models.llama.modeling_llama`), `image_size_to_num_patches`, `get_anyres_image_grid_shape`, `unpad_image`
-   (`models.llava_next.modeling_llava_next`), and `LlavaModel.get_placeholder_mask`.
+   (`models.llava_next.modeling_llava_next`), and `LlavaModel.get_placeholder_mask`;
+9. `generate()`'s handling of a compileable cache (`Cache.is_compileable`, true for the fixed-capacity `SparseCache`):
+   it compiles the decode steps (on GPUs, or anywhere with `CompileConfig._compile_all_devices`, which the benchmark
+   sets on CPU), and asks the model's `create_masks_for_generate` for each step's attention mask, which sparse-llava
+   models override to keep the 2-D mask (its last columns: the same shape at every step).
 
 Overridden, as transformers documents for custom models: `PreTrainedModel._init_weights` and the class attributes
 `_tied_weights_keys`, `_no_split_modules`, `_skip_keys_device_placement`, `_supports_*`;
-`GenerationMixin.prepare_inputs_for_generation` and `generate`.
+`GenerationMixin.prepare_inputs_for_generation` and `generate`; `create_masks_for_generate` (see 9).
 """
 
 import dataclasses
@@ -236,6 +242,23 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
         dtype=inputs_embeds.dtype,
         config=config,
     )
+
+
+def single_query_mask(config, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """
+    The mask of a single query placed after every slot, which may see the slots `visible[batch, slots]` allows, as
+    the sdpa and eager backends take it (`[batch, 1, 1, slots]`: bool, True where attended, for sdpa; additive float
+    for eager), which is what `create_causal_mask` builds there. Built directly because a decode step needs it in
+    every layer, where `create_causal_mask`'s general machinery costs more than the layer's attention. None for other
+    backends: use `create_layer_causal_mask`.
+    """
+    backend = attention_backend(config)
+    mask = visible[:, None, None, :]
+    if backend == "sdpa":
+        return mask
+    if backend == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return None
 
 
 # Inputs only the prefill needs (as 5.x's `MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL`).

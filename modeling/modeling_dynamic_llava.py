@@ -139,9 +139,11 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
     During decoding (`config.text_sparsification`), the output-text predictor reads each generated token at the same
     layer. Without a cache, past generated tokens it drops leave the sequence of layers `>= sparse_layer` (the newest
-    token always stays). With a cache, each new token is computed and attends to itself and the cache, and its K/V
-    is admitted to the caches of layers `>= sparse_layer` only if the predictor keeps it. Both compute the same
-    thing: a token's decision depends on earlier tokens only, through the full layers below `sparse_layer`.
+    token always stays), so a step costs less the more it drops; this needs only the last position's logits
+    (`logits_to_keep=1`, as `generate()` asks), otherwise every token is computed and hidden from later ones. With a
+    cache, each new token is computed and attends to itself and the cache, and its K/V is admitted to the caches of
+    layers `>= sparse_layer` only if the predictor keeps it. All compute the same thing: a token's decision depends on
+    earlier tokens only, through the full layers below `sparse_layer`.
 
     In training mode every token stays: the image tokens (when `vision_keep_ratio < 1`) and the tokens of each row's
     last answer (found from `labels`, when `text_sparsification` and the answer has at least

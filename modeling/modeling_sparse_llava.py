@@ -32,6 +32,7 @@ from .compat_transformers import (
     generation_step_inputs,
     per_image_features,
     register_checkpoint_keys,
+    single_query_mask,
 )
 from .configuration_sparse_llava import SparseLlavaConfig
 
@@ -340,16 +341,17 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                 f"sparse-llava models support cache_implementation 'dynamic' (the default) or 'static', got "
                 f"{cache_implementation!r}"
             )
-        if settings.cache_implementation is not None:
+        max_cache_len = max(kwargs.pop("max_cache_len", None) or 0, getattr(settings, "max_cache_len", None) or 0)
+        if settings.cache_implementation is not None or getattr(settings, "max_cache_len", None) is not None:
             # Ours is made here; transformers would otherwise make its own next to it.
             settings = copy.deepcopy(settings)
             settings.cache_implementation = None
+            if hasattr(settings, "max_cache_len"):  # 5.x
+                settings.max_cache_len = None
             generation_config = settings
         if cache is None and use_cache is not False:
-            max_cache_len = None
-            if cache_implementation == "static":
-                max_cache_len = self.fixed_cache_length(prompt, settings, kwargs)
-            cache = self.new_cache(max_cache_len)
+            fixed = cache_implementation == "static"
+            cache = self.new_cache(self.fixed_cache_length(prompt, settings, kwargs, max_cache_len) if fixed else None)
         if cache is not None:
             kwargs[CACHE_NAME] = cache
         return super().generate(inputs, generation_config, **kwargs)
@@ -365,8 +367,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                     "after tokens are dropped or not admitted, the last logical tokens map to no fixed set of slots."
                 )
 
-    def fixed_cache_length(self, prompt, settings, kwargs) -> int:
-        """`max_cache_len` of the fixed-capacity cache of a `generate(..., cache_implementation="static")` call."""
+    @staticmethod
+    def fixed_cache_length(prompt, settings, kwargs, max_cache_len: int) -> int:
+        """
+        The capacity of a `generate(..., cache_implementation="static")` call's cache, in tokens of conversation: as
+        transformers sizes a `StaticCache`, the prompt and the new tokens but the last (never fed back), or
+        `max_cache_len` if larger (one size for calls of different lengths, so that a compiled step is reused).
+        """
         if prompt is None:
             raise ValueError('cache_implementation="static" needs the prompt (input_ids or inputs_embeds)')
         max_new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
@@ -374,9 +381,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             length = prompt.shape[1] + max_new_tokens
         else:
             length = kwargs.get("max_length", settings.max_length)
-        # As a StaticCache: the last generated token is never fed back; a larger `max_cache_len` is honoured (one size
-        # for several calls, so a compiled step is reused).
-        return max(length - 1, kwargs.get("max_cache_len", getattr(settings, "max_cache_len", None)) or 0)
+        return max(length - 1, max_cache_len)
 
     @staticmethod
     def create_masks_for_generate(attention_mask=None, **kwargs):
@@ -388,7 +393,7 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         embeds = kwargs.get("inputs_embeds", kwargs.get("input_embeds"))
         if attention_mask is None or embeds is None:
             return attention_mask
-        return attention_mask[:, -embeds.shape[1] :]
+        return attention_mask[:, -embeds.shape[1] :].contiguous()  # the same strides at every step, too
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return generation_step_inputs(super().prepare_inputs_for_generation(*args, **kwargs))
@@ -691,8 +696,12 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             )
             slots_valid = cache.begin_chunk(layer_idx, chunk)
             past_slots = slots_valid.shape[1] - stream.valid.shape[1]
-        admission_mask = None
         chunk_length = stream.hidden_states.shape[1]
+        if chunk_length == 1:  # a decode step
+            mask = single_query_mask(self.config.get_text_config(), slots_valid, stream.hidden_states.dtype)
+            if mask is not None:
+                return mask
+        admission_mask = None
         if stream.admit is not None and chunk_length > 1:
             past_admitted = torch.ones_like(slots_valid[:, :past_slots])
             admitted = torch.cat([past_admitted, stream.admit], dim=-1)

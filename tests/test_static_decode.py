@@ -93,6 +93,28 @@ def test_compiled_decode_step_is_one_graph_with_the_eager_tokens(sparse_model, c
     assert counters["stats"]["unique_graphs"] == 1  # compiled once, at the first step; the other steps reuse it
 
 
+def test_a_second_turn_on_a_fixed_cache(converted):
+    """A new user turn is a multi-token chunk on a cache that already holds a conversation: it fits in the room left."""
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+
+    def two_turns(cache):
+        first = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, cache=cache)
+        conversation = torch.cat([first, torch.arange(4, 9).repeat(2, 1)], dim=1)
+        attention_mask = torch.cat(
+            [inputs["attention_mask"], torch.ones_like(conversation[:, inputs["input_ids"].shape[1] :])], 1
+        )
+        return model.generate(
+            input_ids=conversation, attention_mask=attention_mask, cache=cache, max_new_tokens=4, do_sample=False
+        )
+
+    growing, fixed = model.new_cache(), model.new_cache(max_cache_len=inputs["input_ids"].shape[1] + NEW_TOKENS + 5 + 3)
+    assert torch.equal(two_turns(fixed), two_turns(growing))
+    assert int(fixed.get_seq_length()) == growing.get_seq_length() == fixed.max_cache_len
+    for layer_idx in range(len(fixed.layers)):
+        assert torch.equal(fixed.stored_tokens(layer_idx), growing.stored_tokens(layer_idx))
+
+
 def test_a_fixed_cache_that_is_too_small_fails_clearly(converted):
     model = text_sparse_model(converted, "llava")
     inputs = inputs_for("llava")

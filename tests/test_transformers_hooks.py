@@ -137,6 +137,62 @@ def test_hook_model_file_functions():
     assert callable(getattr(transformers.LlavaModel, "get_placeholder_mask", None)), f"{RELEASE}: get_placeholder_mask"
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_cache_len", [None, 16], ids=["growing", "fixed"])
+def test_hook_single_query_mask_is_the_backends_mask(backend, max_cache_len):
+    """A decode step's mask, built directly, is what transformers' mask utilities build for the backend."""
+    from transformers import LlamaConfig
+
+    from sparse_llava.cache_sparse_llava import IncomingChunk, SparseCache
+
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
+    config._attn_implementation = backend
+    cache = SparseCache(num_layers=1, max_cache_len=max_cache_len)
+    states = torch.zeros(2, 2, 5, 4)
+    prompt = torch.tensor([[False, False, True, True, True], [True] * 5])  # a padded row
+    cache.begin_chunk(0, IncomingChunk(valid=prompt, admit=None, logical_length=5))
+    cache.update(states, states, 0)
+    for admit in ([True, False], [False, True], [True, True]):  # decode steps leaving holes
+        step = IncomingChunk(
+            valid=torch.ones(2, 1, dtype=torch.bool), admit=torch.tensor(admit)[:, None], logical_length=1
+        )
+        visible = cache.begin_chunk(0, step)
+        expected = compat_transformers.create_layer_causal_mask(
+            config, torch.zeros(2, 1, 8), visible, cache, 0, None, skip_allowed=False
+        )
+        actual = compat_transformers.single_query_mask(config, visible, torch.float32)
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), f"{RELEASE}: {backend} masks changed"
+        cache.update(states[:, :, :1], states[:, :, :1], 0)
+
+
+def test_hook_generate_compiles_a_fixed_cache_decode(converted):
+    """
+    generate() compiles the decode steps of a compileable cache (on CPU when `CompileConfig._compile_all_devices`, the
+    private switch the benchmark uses), and asks the model's `create_masks_for_generate` for each step's mask: one
+    graph for every step, the tokens of eager decoding.
+    """
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = sparse_llava.DynamicLlavaForConditionalGeneration.from_pretrained(converted("llava")).eval()
+    inputs = tiny_inputs("llava")
+    settings = {"max_new_tokens": 5, "do_sample": False}
+    eager = model.generate(**inputs, **settings)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    compile_config._compile_all_devices = True
+    torch.compiler.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = model.generate(
+                **inputs, **settings, cache_implementation="static", compile_config=compile_config
+            )
+        assert counters["stats"]["unique_graphs"] == 1, f"{RELEASE}: generate() no longer compiles the decode steps"
+    finally:
+        torch.compiler.reset()
+    assert torch.equal(compiled, eager)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The version gate and the cache's name
 # ---------------------------------------------------------------------------------------------------------------
