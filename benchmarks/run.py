@@ -1,7 +1,8 @@
 """Cost of sparse-llava models against transformers' dense LLaVA, measured in one run.
 
     python benchmarks/run.py [--quick] [--json results.json] [--plot figure.png] [--device cpu|cuda]
-                             [--new-tokens 256 1024] [--decode-tokens 1024] [--no-compile] [--threads N]
+                             [--new-tokens 256 1024] [--decode-tokens 1024] [--batch-decode-tokens 256]
+                             [--no-compile] [--threads N]
 
 All models of a shape share the same random weights. Two mid-size shapes (hidden 1024; the vision tower is kept small
 so that the language model, which the methods act on, dominates):
@@ -14,14 +15,15 @@ For each method it measures, on the LLaVA-1.5 shape,
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
   after a warm-up);
 * the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`);
-* decode tokens/s over `--decode-tokens` new tokens, at batch 1 and 8 (rows of different prompts), against dense
-  LLaVA's strongest set-ups: its `StaticCache` eagerly (the baseline of the ratios) and compiled, next to its
-  `DynamicCache` (for reference). Each method runs its default growing `SparseCache`, the fixed-capacity one
+* decode tokens/s at batch 1 (over `--decode-tokens` new tokens, 1024) and at batch 8 (rows of different prompts,
+  over `--batch-decode-tokens`, 256), against dense LLaVA's strongest set-ups: its `StaticCache` eagerly (the
+  baseline of the ratios) and compiled, next to its `DynamicCache` (for reference). Each method runs its default growing `SparseCache`, the fixed-capacity one
   (`cache_implementation="static"`) eagerly, and that compiled, by `generate()` itself (`compile_config`, inductor;
   on CPU with transformers' private `_compile_all_devices` switch), after an untimed compiling generation. A step's
   time is its fastest over the repeats, which keeps the numbers readable on a loaded machine;
-* throughput within a KV-cache budget, what dense LLaVA's `StaticCache` holds for 4 rows: the largest batch each
-  method's default cache fits (bytes per row measured at batch 8, checked at the batch found) and its tokens/s there;
+* throughput within a KV-cache budget, what dense LLaVA's `StaticCache` holds for 4 rows over the batch-8 length: the
+  largest batch each method's default cache fits (bytes per row measured at batch 8, checked at the batch found) and
+  its tokens/s there;
   for the fixed-capacity cache, whose size is known after the prefill, the largest batch;
 * the FLOPs of one decode step without a cache (the whole sequence after the decode-speed run's tokens, last
   position's logits only, as `generate(use_cache=False)` runs it);
@@ -410,25 +412,40 @@ def decode_rate(step_times: list[list[float]], batch: int) -> float:
     return batch * len(fastest) / sum(fastest)
 
 
-def measure_setup(name, model, inputs, tokens: int, setup: str, repeats: int, device):
-    """Decode tokens/s of one model in one set-up, and the last repeat's output. Compiled set-ups are compiled by an
-    untimed short generation first (the same cache size, so the timed runs reuse the graph)."""
+def compile_setup(name, model, inputs, tokens: int, device) -> None:
+    """Compile a model's decode step by an untimed short generation (with the timed runs' cache size, so that they
+    reuse the graph)."""
     batch, width = inputs["input_ids"].shape
-    settings = decode_settings(setup, width + tokens - 1, device)
-    if setup == "compiled":
-        start = time.perf_counter()
-        timed_generate(model, inputs, 3, device, **settings)
-        print(f"  {name}: compiled for batch {batch} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        graphs = counters["stats"]["unique_graphs"]
-    step_times = []
+    start = time.perf_counter()
+    timed_generate(model, inputs, 3, device, **decode_settings("compiled", width + tokens - 1, device))
+    print(f"  {name}: compiled for batch {batch} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+def measure_setups(models, runs: list[tuple[str, str]], inputs, tokens: int, repeats: int, device) -> dict:
+    """
+    Decode tokens/s of each (model, set-up) in `runs`, and its last output. The repeats go round all the runs in
+    turn, so that a machine whose speed drifts (a shared one) slows every run alike; compiled set-ups are compiled
+    before any is timed.
+    """
+    batch, width = inputs["input_ids"].shape
+    for name, setup in runs:
+        if setup == "compiled":
+            compile_setup(name, models[name], inputs, tokens, device)
+    graphs = counters["stats"]["unique_graphs"]
+    step_times, outputs = {run: [] for run in runs}, {}
     for _ in range(repeats):
-        output, steps = timed_generate(model, inputs, tokens, device, **settings)
-        step_times.append(steps)
-    if setup == "compiled" and counters["stats"]["unique_graphs"] != graphs:
-        print(f"  warning: {name} recompiled while decoding (batch {batch})", file=sys.stderr)
-    rate = decode_rate(step_times, batch)
-    print(f"  {name}: batch {batch}, {setup}: {rate:.1f} tokens/s", file=sys.stderr, flush=True)
-    return rate, output
+        for name, setup in runs:
+            settings = decode_settings(setup, width + tokens - 1, device)
+            outputs[name, setup], steps = timed_generate(models[name], inputs, tokens, device, **settings)
+            step_times[name, setup].append(steps)
+    if counters["stats"]["unique_graphs"] != graphs:
+        print(f"  warning: a compiled model recompiled while decoding (batch {batch})", file=sys.stderr)
+    measured = {}
+    for name, setup in runs:
+        rate = decode_rate(step_times[name, setup], batch)
+        print(f"  {name}: batch {batch}, {setup}: {rate:.1f} tokens/s", file=sys.stderr, flush=True)
+        measured[name, setup] = rate, outputs[name, setup]
+    return measured
 
 
 def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> dict:
@@ -437,26 +454,28 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
     batch, the KV-cache bytes per row they took (for the budget), and the sequences generated at batch 1.
     """
     results = {name: {} for name in models}
-    tokens = plan["tokens"]
-    single = make_inputs(config, device)
-    for model in models.values():
-        if hasattr(model, "output_text_score_predictor"):
-            force_output_keep_rate(model, single, tokens=tokens)
     for batch in plan["batches"]:
-        inputs = make_inputs(config, device, batch)
+        inputs, tokens = make_inputs(config, device, batch), plan["tokens"][batch]
+        runs = []
         for name, model in models.items():
+            if hasattr(model, "output_text_score_predictor"):
+                # Calibrated on these rows and this length, so that every batch keeps about half of its output.
+                force_output_keep_rate(model, inputs, tokens=tokens)
+            compiled = name in plan["compiled"].get(batch, ())
             for setup in setups_of(name):
-                if setup == "compiled" and name not in plan["compiled"].get(batch, ()):
+                if setup == "compiled" and not compiled:
                     continue
-                if setup == "static" and name != "dense" and not plan["fixed_eager"]:
+                # The fixed-capacity cache eagerly: what its compiled step is compared with.
+                if setup == "static" and name != "dense" and not (plan["fixed_eager"] or compiled):
                     continue
-                rate, output = measure_setup(name, model, inputs, tokens, setup, repeats, device)
-                cache = getattr(output, CACHE_NAME)
-                results[name][f"decode_tps_b{batch}_{setup}"] = rate
-                results[name][f"kv_bytes_per_row_b{batch}_{setup}"] = kv_bytes(cache) / batch
-                results[name].update(keep_rates(cache, f"b{batch}_{setup}"))
-                if batch == 1 and setup in ("dynamic", "eager"):
-                    results[name]["sequence"] = output.sequences
+                runs.append((name, setup))
+        for (name, setup), (rate, output) in measure_setups(models, runs, inputs, tokens, repeats, device).items():
+            cache = getattr(output, CACHE_NAME)
+            results[name][f"decode_tps_b{batch}_{setup}"] = rate
+            results[name][f"kv_bytes_per_row_b{batch}_{setup}"] = kv_bytes(cache) / batch
+            results[name].update(keep_rates(cache, f"b{batch}_{setup}"))
+            if batch == 1 and setup in ("dynamic", "eager"):
+                results[name]["sequence"] = output.sequences
     return results
 
 
@@ -464,19 +483,19 @@ def measure_kv_budget(models, config, device, plan: dict, speeds: dict, repeats:
     """
     Throughput within a KV-cache budget, dense LLaVA's StaticCache of `BUDGET_BATCH` rows: the largest batch each
     model fits (its bytes per row as measured at the largest batch above, rows of different prompts; a method's
-    default growing cache, counted as allocated) and its decode tokens/s there. For the fixed-capacity cache, whose
-    size is known before decoding, the largest batch only.
+    default growing cache, counted as allocated) and its decode tokens/s there, over that batch's number of new tokens.
+    For the fixed-capacity cache, whose size is known before decoding, the largest batch only.
     """
-    tokens, widest = plan["tokens"], max(plan["batches"])
+    widest = max(plan["batches"])
+    tokens = plan["tokens"][widest]
     budget = BUDGET_BATCH * speeds["dense"][f"kv_bytes_per_row_b{widest}_static"]
     results = {}
     for name, model in models.items():
         setup = "static" if name == "dense" else "eager"
         batch = int(budget // speeds[name][f"kv_bytes_per_row_b{widest}_{setup}"])
         while batch >= 1:
-            rate, output = measure_setup(
-                name, model, make_inputs(config, device, batch), tokens, setup, repeats, device
-            )
+            inputs = make_inputs(config, device, batch)
+            rate, output = measure_setups(models, [(name, setup)], inputs, tokens, repeats, device)[name, setup]
             used = kv_bytes(getattr(output, CACHE_NAME))
             if used <= budget:
                 break
@@ -557,8 +576,8 @@ def plot(traces: dict, path: str) -> None:
 
 
 def decode_plan(args) -> dict:
-    """What the decode-speed part measures: new tokens, batches, which models are compiled at which batch, and whether
-    the fixed-capacity cache is also timed eagerly."""
+    """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, and
+    whether the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones)."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
@@ -566,7 +585,10 @@ def decode_plan(args) -> dict:
     else:
         compiled = {1: METHODS, 8: METHODS}
     return {
-        "tokens": args.decode_tokens or (64 if args.quick else 1024),
+        "tokens": {
+            1: args.decode_tokens or (64 if args.quick else 1024),
+            8: args.batch_decode_tokens or (32 if args.quick else 256),
+        },
         "batches": (1, 8),
         "compiled": compiled,
         "fixed_eager": not args.quick,
@@ -577,8 +599,9 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
     """
     Per model and batch, decode tokens/s against dense LLaVA with a StaticCache in the same run: eager against eager
     (the method's default cache; dense: its DynamicCache), the fixed-capacity cache eagerly, compiled against dense
-    compiled, and compiled against the model's own eager default; then the KV-budget batch and tokens/s against
-    dense's, and the FLOPs of a no-cache decode step against dense's.
+    compiled, and compiled against the same cache eagerly (dense: its StaticCache; the methods: the fixed-capacity
+    cache); then the KV-budget batch and tokens/s against dense's, and the FLOPs of a no-cache decode step against
+    dense's.
     """
     dense = absolute["dense"]
     ratios = {}
@@ -597,7 +620,7 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
             row[f"b{batch}_eager"] = over(tps(default), baseline)
             row[f"b{batch}_fixed"] = over(tps("static"), baseline)
             row[f"b{batch}_compiled"] = over(tps("compiled"), dense.get(f"decode_tps_b{batch}_compiled"))
-            row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static" if name == "dense" else "eager"))
+            row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static"))
         row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
         row["kv_budget_batch_fixed"] = (
             values["kv_budget_batch_fixed"] / dense["kv_budget_batch"] if "kv_budget_batch_fixed" in values else None
@@ -622,12 +645,22 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="CI-sized run: KV bytes at 128 new tokens, decode speed over 64, 1 timed repeat, dense and Dynamic-LLaVA "
-        "compiled at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 shape",
+        help="a short run: KV bytes at 64 new tokens, decode speed over 64 (batch 1) and 32 (batch 8) new tokens, 1 "
+        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 "
+        "shape",
     )
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None, help="KV bytes after these many tokens")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the decode-speed runs")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the batch-1 decode-speed runs")
+    parser.add_argument(
+        "--batch-decode-tokens", type=int, default=None, help="new tokens of the batch-8 and KV-budget decode runs"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed prefills (default 5; --quick: 1)")
+    parser.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=None,
+        help="timed generations of each decode set-up (default 2; --quick: 1)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
@@ -641,9 +674,9 @@ def main() -> None:
         shape, name, tokens = args.peak_memory_of
         peak_memory_child(shape, name, int(tokens), args.device)
         return
-    new_tokens = args.new_tokens or ([128] if args.quick else [256, 1024])
+    new_tokens = args.new_tokens or ([64] if args.quick else [256, 1024])
     repeats = args.repeats or (1 if args.quick else 5)
-    decode_repeats = args.repeats or (1 if args.quick else 2)
+    decode_repeats = args.decode_repeats or (1 if args.quick else 2)
     plan = decode_plan(args)
     longest = max(new_tokens)
     peak_tokens = min(32, longest) if args.quick else longest
@@ -665,7 +698,7 @@ def main() -> None:
                 if args.plot:
                     traces[name] = decode_trace(model, inputs, longest)
         if shape == "llava-1.5":
-            print(f"decode speed over {plan['tokens']} new tokens", file=sys.stderr, flush=True)
+            print(f"decode speed (new tokens per batch: {plan['tokens']})", file=sys.stderr, flush=True)
             speeds = measure_decode_speed(models, config, args.device, plan, decode_repeats)
             budget = measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
             for name, model in models.items():
@@ -712,9 +745,9 @@ def main() -> None:
         ratio_keys,
     )
     print_table(
-        f"\ndecode over {plan['tokens']} new tokens against dense LLaVA with a StaticCache (eager: the method's default "
+        f"\ndecode (new tokens per batch: {plan['tokens']}) against dense LLaVA with a StaticCache (eager: the method's default "
         "cache, dense's DynamicCache; fixed: the fixed-capacity cache, eager; compiled: against dense compiled; "
-        f"compiled_vs_eager: the model's own; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
+        f"compiled_vs_eager: against the same cache eagerly; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
         decode,
         list(next(iter(decode.values()))),
     )

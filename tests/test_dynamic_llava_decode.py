@@ -185,10 +185,12 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
     assert counts["output_text_seen"] == [NEW_TOKENS - 1 + 3] * 2
 
 
-def test_admission_step_has_no_host_synchronisation():
-    """`write_token` compiles as one graph: no `.item()`, no data-dependent Python branching."""
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_admission_step_has_no_host_synchronisation(backend):
+    """`write_token` compiles as one graph (no `.item()`, no data-dependent Python branching), and inductor's code
+    writes the buffers it was given, in place."""
     torch._dynamo.reset()
-    compiled = torch.compile(write_token, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(write_token, fullgraph=True, backend=backend)
     generator = torch.Generator().manual_seed(0)
     keys, values = torch.randn(3, 2, 8, 4, generator=generator), torch.randn(3, 2, 8, 4, generator=generator)
     valid = torch.zeros(3, 8, dtype=torch.bool)

@@ -143,6 +143,21 @@ def test_each_layer_stores_floor_n_times_retention(base, deep_bases):
         assert cache.stored_tokens(layer_idx).tolist() == (text + torch.tensor(kept_vision)).tolist(), layer_idx
 
 
+def test_each_router_runs_once_per_prefill_and_never_while_decoding(deep_bases):
+    """The router's logits both rank the tokens and weigh them (TanhNorm): computed once per MoD layer, not twice."""
+    model = pmod_from(deep_bases["llava"])
+    calls = {name: 0 for name in model.routers}
+    for name, router in model.routers.items():
+        router.register_forward_hook(lambda module, args, output, name=name: calls.__setitem__(name, calls[name] + 1))
+    inputs = inputs_for("llava")
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+        assert calls == {name: 1 for name in model.routers}
+        step = {"input_ids": inputs["input_ids"][:, -1:], "attention_mask": torch.ones_like(inputs["input_ids"][:, :1])}
+        model(**step, cache=cache, use_cache=True)  # a text-only decode step: no routed tokens, no router
+    assert calls == {name: 1 for name in model.routers}
+
+
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
 def test_cached_uncached_and_padded_batch_agree(base, deep_bases):
     model = pmod_from(deep_bases[base])

@@ -86,7 +86,7 @@ def test_compiled_decode_step_is_one_graph_with_the_eager_tokens(sparse_model, c
     inputs = inputs_for("llava")
     eager = greedy(sparse_model, inputs).sequences
     width = inputs["input_ids"].shape[1]
-    compiled = torch.compile(sparse_model.forward, fullgraph=True, backend="eager")
+    compiled = torch.compile(sparse_model.forward, fullgraph=True)  # inductor: the code users run
     with torch._dynamo.config.patch(error_on_recompile=True):
         tokens = decode(compiled, sparse_model, inputs, sparse_model.new_cache(max_cache_len=width + NEW_TOKENS))
     assert torch.equal(tokens, eager)
