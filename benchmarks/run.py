@@ -193,11 +193,11 @@ def build_model(name: str, config):
 METHODS = ("dense", "fastv", "dynamic-llava", "p-mod", "yopo")
 
 
-def build_models(shape, device) -> dict:
+def build_models(shape, device, names=METHODS) -> dict:
     """Dense LLaVA and each method, all with the dense model's weights (the methods' new modules freshly made)."""
     torch.manual_seed(0)
     config = base_config(shape)
-    models = {name: build_model(name, config) for name in METHODS}
+    models = {name: build_model(name, config) for name in names}
     dense = models["dense"]
     for name, model in models.items():
         if model is not dense:
@@ -662,6 +662,15 @@ def main() -> None:
         help="timed generations of each decode set-up (default 2; --quick: 1)",
     )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the decode part (speed, KV budget, no-cache FLOPs) on the LLaVA-1.5 shape: no prefill, KV-bytes or "
+        "peak-memory measurements, no LLaVA-NeXT shape",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=METHODS[1:], default=None, help="the methods to measure (dense always is)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -681,15 +690,18 @@ def main() -> None:
     longest = max(new_tokens)
     peak_tokens = min(32, longest) if args.quick else longest
 
-    absolute, traces = {}, {}
-    for shape in ("llava-1.5", "llava-next"):
+    names = ("dense", *(args.models or METHODS[1:]))
+    absolute, traces = {name: {} for name in names}, {}
+    for shape in ("llava-1.5",) if args.decode_only else ("llava-1.5", "llava-next"):
         config = base_config(shape)
-        models = build_models(shape, args.device)
+        models = build_models(shape, args.device, names)
         inputs = make_inputs(config, args.device)
         prefix = "" if shape == "llava-1.5" else "next_"
         for name, model in models.items():
+            if args.decode_only:
+                break
             print(f"measuring {name} ({shape})", file=sys.stderr, flush=True)
-            values = absolute.setdefault(name, {})
+            values = absolute[name]
             values.update(
                 {prefix + key: value for key, value in measure_prefill(model, inputs, repeats, args.device).items()}
             )
@@ -706,8 +718,8 @@ def main() -> None:
                 absolute[name].update(speeds[name], **budget[name])
                 absolute[name]["no_cache_step_flops"] = no_cache_step_flops(model, inputs, sequence)
         del models
-        for name in METHODS:
-            if args.quick and shape != "llava-1.5":
+        for name in names:
+            if (args.quick and shape != "llava-1.5") or args.decode_only:
                 continue
             tokens = peak_tokens if shape == "llava-1.5" else 0
             memory = peak_memory(shape, name, tokens, args.device)
@@ -729,21 +741,26 @@ def main() -> None:
         "next_peak_memory",
         "next_peak_memory_above_model",
     ]
-    ratios = {
-        name: {
-            **{key: values[key] / dense[key] if dense.get(key) else None for key in ratio_keys},
-            "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
+    ratios = (
+        {}
+        if args.decode_only
+        else {
+            name: {
+                **{key: values[key] / dense[key] if dense.get(key) else None for key in ratio_keys},
+                "kv_bytes_long": values[f"kv_bytes_{longest}"] / dense[f"kv_bytes_{longest}"],
+            }
+            for name, values in absolute.items()
         }
-        for name, values in absolute.items()
-    }
+    )
     decode = decode_ratios(absolute, plan)
 
-    print_table(
-        f"\nratios against dense LLaVA (dense = 1.00); peak memory over a prefill and {peak_tokens} new tokens "
-        "(LLaVA-NeXT shape: prefill only)",
-        ratios,
-        ratio_keys,
-    )
+    if not args.decode_only:
+        print_table(
+            f"\nratios against dense LLaVA (dense = 1.00); peak memory over a prefill and {peak_tokens} new tokens "
+            "(LLaVA-NeXT shape: prefill only)",
+            ratios,
+            ratio_keys,
+        )
     print_table(
         f"\ndecode (new tokens per batch: {plan['tokens']}) against dense LLaVA with a StaticCache (eager: the method's default "
         "cache, dense's DynamicCache; fixed: the fixed-capacity cache, eager; compiled: against dense compiled; "

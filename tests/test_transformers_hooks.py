@@ -215,6 +215,8 @@ def test_releases_in_the_range_are_accepted_quietly(version, caplog):
 def test_a_release_newer_than_the_newest_tested_warns_once(caplog):
     newest_major, newest_minor = compat_transformers.NEWEST_TESTED_TRANSFORMERS
     newer = f"{newest_major}.{newest_minor + 1}.0"
+    # Where that release is the one installed, the import already said it once.
+    logging.Logger.warning_once.cache_clear()
     for _ in range(3):
         check_transformers_version(newer)
     assert caplog.text.count(f"transformers {newer} is newer") == 1
