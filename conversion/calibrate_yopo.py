@@ -73,8 +73,9 @@ def dense_model(model_dir: str, trust_remote_code: bool = False):
     else:
         base_fields.pop("image_grid_pinpoints", None)
         base_config, model_class = LlavaConfig(**base_fields), LlavaForConditionalGeneration
+    # The reference rule reads transformers' own eager attention: no Hub kernels (5.25+ kernelizes by default).
     model = model_class.from_pretrained(
-        model_dir, config=base_config, attn_implementation="eager", **dtype_argument("auto")
+        model_dir, config=base_config, attn_implementation="eager", use_kernels=False, **dtype_argument("auto")
     )
     return model.eval(), config
 

@@ -384,8 +384,14 @@ def _load_weights(spec: Method, source, config, revision, base, brings_new_modul
     # The load report would list the method's new modules as missing; that is expected (and checked by the class).
     transformers_logging.set_verbosity_error()
     try:
+        # use_kernels=False: the conversion only copies weights, and transformers 5.25+ would otherwise kernelize the
+        # model by default, fetching and running code from the Hub.
         return spec.model_class.from_pretrained(
-            source, config=config, revision=revision, new_modules_from_scratch=not brings_new_modules
+            source,
+            config=config,
+            revision=revision,
+            new_modules_from_scratch=not brings_new_modules,
+            use_kernels=False,
         )
     # RuntimeError: e.g. torch cannot read a truncated .bin; SafetensorError and UnpicklingError may come unwrapped.
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
