@@ -14,7 +14,8 @@ For each method it measures, on the LLaVA-1.5 shape,
 
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
   after a warm-up);
-* the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`);
+* the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`; for
+  N = the batch-1 decode length, read off that decode-speed run's default cache);
 * decode tokens/s at batch 1 (over `--decode-tokens` new tokens, 1024) and at batch 8 (rows of different prompts,
   over `--batch-decode-tokens`, 256), against dense LLaVA's strongest set-ups: its `StaticCache` eagerly (the
   baseline of the ratios) and compiled, next to its `DynamicCache` (for reference). Each method runs its default growing `SparseCache`, the fixed-capacity one
@@ -460,10 +461,12 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
         for name, model in models.items():
             if hasattr(model, "output_text_score_predictor"):
                 # Calibrated on these rows and this length, so that every batch keeps about half of its output.
-                force_output_keep_rate(model, inputs, tokens=tokens)
+                force_output_keep_rate(model, inputs, tokens=tokens, rounds=plan["calibration_rounds"][batch])
             compiled = name in plan["compiled"].get(batch, ())
             for setup in setups_of(name):
                 if setup == "compiled" and not compiled:
+                    continue
+                if setup == "dynamic" and batch not in plan["dynamic_cache_batches"]:
                     continue
                 # The fixed-capacity cache eagerly: what its compiled step is compared with.
                 if setup == "static" and name != "dense" and not (plan["fixed_eager"] or compiled):
@@ -475,7 +478,10 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
             results[name][f"kv_bytes_per_row_b{batch}_{setup}"] = kv_bytes(cache) / batch
             results[name].update(keep_rates(cache, f"b{batch}_{setup}"))
             if batch == 1 and setup in ("dynamic", "eager"):
+                # The default cache at batch 1 is what the KV bytes after N new tokens are measured on, too.
                 results[name]["sequence"] = output.sequences
+                results[name][f"kv_bytes_{tokens}"] = kv_bytes(cache)
+                results[name].update(keep_rates(cache, str(tokens)))
     return results
 
 
@@ -576,8 +582,10 @@ def plot(traces: dict, path: str) -> None:
 
 
 def decode_plan(args) -> dict:
-    """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, and
-    whether the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones)."""
+    """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, whether
+    the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), the batches dense
+    LLaVA's DynamicCache is timed at, and the rounds of Dynamic-LLaVA's keep-rate calibration per batch (the second
+    batch's starts from the first batch's bias)."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
@@ -592,6 +600,8 @@ def decode_plan(args) -> dict:
         "batches": (1, 8),
         "compiled": compiled,
         "fixed_eager": not args.quick,
+        "dynamic_cache_batches": (1,) if args.quick else (1, 8),
+        "calibration_rounds": {1: 2, 8: 1 if args.quick else 2},
     }
 
 
@@ -646,8 +656,8 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="a short run: KV bytes at 64 new tokens, decode speed over 64 (batch 1) and 32 (batch 8) new tokens, 1 "
-        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 "
-        "shape",
+        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, dense's DynamicCache at batch 1 only, "
+        "Dynamic-LLaVA's batch-8 calibration in one round, peak memory over 32 tokens on the LLaVA-1.5 shape",
     )
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None, help="KV bytes after these many tokens")
     parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the batch-1 decode-speed runs")
@@ -687,6 +697,8 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     decode_repeats = args.decode_repeats or (1 if args.quick else 2)
     plan = decode_plan(args)
+    # The batch-1 decode-speed run of each model's default cache gives the KV bytes after its own length.
+    kv_only_tokens = [count for count in new_tokens if count != plan["tokens"][1]]
     longest = max(new_tokens)
     peak_tokens = min(32, longest) if args.quick else longest
 
@@ -706,7 +718,7 @@ def main() -> None:
                 {prefix + key: value for key, value in measure_prefill(model, inputs, repeats, args.device).items()}
             )
             if shape == "llava-1.5":
-                values.update(measure_decode(name, model, inputs, new_tokens, args.device))
+                values.update(measure_decode(name, model, inputs, kv_only_tokens, args.device))
                 if args.plot:
                     traces[name] = decode_trace(model, inputs, longest)
         if shape == "llava-1.5":
@@ -718,10 +730,10 @@ def main() -> None:
                 absolute[name].update(speeds[name], **budget[name])
                 absolute[name]["no_cache_step_flops"] = no_cache_step_flops(model, inputs, sequence)
         del models
+        if (args.quick and shape != "llava-1.5") or args.decode_only:
+            continue
+        tokens = peak_tokens if shape == "llava-1.5" else 0
         for name in names:
-            if (args.quick and shape != "llava-1.5") or args.decode_only:
-                continue
-            tokens = peak_tokens if shape == "llava-1.5" else 0
             memory = peak_memory(shape, name, tokens, args.device)
             absolute[name].update({prefix + key: value for key, value in memory.items()})
 
