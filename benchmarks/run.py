@@ -67,6 +67,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    StaticCache,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -392,11 +393,18 @@ def timed_generate(model, inputs, tokens: int, device, **settings):
     return output, [end - start for start, end in zip(marks[1:], marks[2:])]
 
 
-def decode_settings(setup: str, max_cache_len: int, device) -> dict:
+def decode_settings(model, setup: str, max_cache_len: int, device) -> dict:
     """`generate()` arguments of a set-up ("dynamic" / "eager": the model's default cache)."""
     if setup in ("dynamic", "eager"):
         return {}
-    settings = {"cache_implementation": "static", "max_cache_len": max_cache_len}
+    if isinstance(model, SparseLlavaForConditionalGeneration):
+        settings = {"cache_implementation": "static", "max_cache_len": max_cache_len}
+    else:
+        # Dense LLaVA gets a StaticCache of this run's size: from `cache_implementation="static"`, generate() would
+        # size it to the largest `max_cache_len` of any earlier call on the model (to spare a recompile), so that the
+        # batch-8 runs would attend over the batch-1 runs' 1,600 slots.
+        text_config = model.config.get_text_config(decoder=True)
+        settings = {CACHE_NAME: StaticCache(config=text_config, max_cache_len=max_cache_len)}
     if setup == "compiled":
         cuda = torch.device(device).type == "cuda"
         compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
@@ -418,7 +426,8 @@ def compile_setup(name, model, inputs, tokens: int, device) -> None:
     reuse the graph)."""
     batch, width = inputs["input_ids"].shape
     start = time.perf_counter()
-    timed_generate(model, inputs, 3, device, **decode_settings("compiled", width + tokens - 1, device))
+    settings = decode_settings(model, "compiled", width + tokens - 1, device)
+    timed_generate(model, inputs, min(3, tokens), device, **settings)  # no more tokens than the cache holds
     print(f"  {name}: compiled for batch {batch} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
@@ -436,7 +445,7 @@ def measure_setups(models, runs: list[tuple[str, str]], inputs, tokens: int, rep
     step_times, outputs = {run: [] for run in runs}, {}
     for _ in range(repeats):
         for name, setup in runs:
-            settings = decode_settings(setup, width + tokens - 1, device)
+            settings = decode_settings(models[name], setup, width + tokens - 1, device)
             outputs[name, setup], steps = timed_generate(models[name], inputs, tokens, device, **settings)
             step_times[name, setup].append(steps)
     if counters["stats"]["unique_graphs"] != graphs:
@@ -597,7 +606,7 @@ def decode_plan(args) -> dict:
             1: args.decode_tokens or (64 if args.quick else 1024),
             8: args.batch_decode_tokens or (32 if args.quick else 256),
         },
-        "batches": (1, 8),
+        "batches": tuple(sorted(args.batches)),
         "compiled": compiled,
         "fixed_eager": not args.quick,
         "dynamic_cache_batches": (1,) if args.quick else (1, 8),
@@ -636,7 +645,8 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
             values["kv_budget_batch_fixed"] / dense["kv_budget_batch"] if "kv_budget_batch_fixed" in values else None
         )
         row["kv_budget_tps"] = values["kv_budget_tps"] / dense["kv_budget_tps"]
-        row["no_cache_step_flops"] = values["no_cache_step_flops"] / dense["no_cache_step_flops"]
+        if "no_cache_step_flops" in values:
+            row["no_cache_step_flops"] = values["no_cache_step_flops"] / dense["no_cache_step_flops"]
         ratios[name] = row
     return ratios
 
@@ -671,6 +681,9 @@ def main() -> None:
         default=None,
         help="timed generations of each decode set-up (default 2; --quick: 1)",
     )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", choices=(1, 8), default=[1, 8], help="the decode-speed batches (default 1 8)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
     parser.add_argument(
         "--decode-only",
@@ -698,7 +711,7 @@ def main() -> None:
     decode_repeats = args.decode_repeats or (1 if args.quick else 2)
     plan = decode_plan(args)
     # The batch-1 decode-speed run of each model's default cache gives the KV bytes after its own length.
-    kv_only_tokens = [count for count in new_tokens if count != plan["tokens"][1]]
+    kv_only_tokens = [count for count in new_tokens if 1 not in plan["batches"] or count != plan["tokens"][1]]
     longest = max(new_tokens)
     peak_tokens = min(32, longest) if args.quick else longest
 
@@ -726,9 +739,10 @@ def main() -> None:
             speeds = measure_decode_speed(models, config, args.device, plan, decode_repeats)
             budget = measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
             for name, model in models.items():
-                sequence = speeds[name].pop("sequence")
+                sequence = speeds[name].pop("sequence", None)  # generated at batch 1
                 absolute[name].update(speeds[name], **budget[name])
-                absolute[name]["no_cache_step_flops"] = no_cache_step_flops(model, inputs, sequence)
+                if sequence is not None:
+                    absolute[name]["no_cache_step_flops"] = no_cache_step_flops(model, inputs, sequence)
         del models
         if (args.quick and shape != "llava-1.5") or args.decode_only:
             continue
