@@ -66,7 +66,7 @@ from transformers.utils import logging
 # Checked before anything else here touches transformers: a converted folder runs these files in the user's
 # environment, on whatever release is installed there.
 SUPPORTED_TRANSFORMERS = "4.57.x or 5.15 and later 5.x"
-NEWEST_TESTED_TRANSFORMERS = (5, 24)
+NEWEST_TESTED_TRANSFORMERS = (5, 25)
 
 
 def check_transformers_version(version: str) -> None:

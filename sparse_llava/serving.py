@@ -17,7 +17,11 @@ the class *names* of transformers' built-in Auto mappings. `make_classes_known_t
     `transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`, where the server looks the
     class name up to report the model as image-text-to-text. Registered classes are found by Auto mappings before
     that table is consulted (`_LazyAutoMapping._extra_content`), so nothing else reads the new entries as modules of
-    transformers.
+    transformers;
+  - from transformers 5.25 on, each model loads in a process the server spawns, with a pickled copy of the server's
+    `model_manager.ModelLoader`, which `transformers.cli.serve` imports when the command starts. That attribute
+    becomes `SparseLlavaModelLoader`, whose `_load_model` makes the classes known in that process first (a spawned
+    process starts from a fresh `transformers`).
 
 The served model runs this installed package's code (not a copy the folder carries, so `--trust-remote-code` is not
 needed). Everything else is transformers' server as it is: its flags (`--host`, `--port`, `--device`, `--dtype`, ...),
@@ -51,6 +55,32 @@ def make_classes_known_to_serve() -> None:
         for module in transformers_modules.values():
             setattr(module, model_class.__name__, model_class)
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type] = model_class.__name__
+    if SparseLlavaModelLoader is not None:
+        model_manager.ModelLoader = SparseLlavaModelLoader
+
+
+def serve_is_available() -> bool:
+    """Whether transformers' server and its serving extra are installed (transformers 5.x)."""
+    if not IS_TRANSFORMERS_V5:
+        return False
+    from transformers.utils.import_utils import is_serve_available
+
+    return is_serve_available()
+
+
+SparseLlavaModelLoader = None
+if serve_is_available():
+    from transformers.cli.serving import model_manager as _serve_model_manager
+
+    if hasattr(_serve_model_manager, "ModelLoader"):  # transformers >= 5.25: models load in spawned processes
+
+        class SparseLlavaModelLoader(_serve_model_manager.ModelLoader):
+            """transformers serve's model loader, which makes the sparse-llava classes known in the model's process
+            before it loads the model (see module doc)."""
+
+            def _load_model(self, *args, **kwargs):
+                make_classes_known_to_serve()
+                return super()._load_model(*args, **kwargs)
 
 
 def serve(arguments: list[str]) -> None:
@@ -62,9 +92,7 @@ def serve(arguments: list[str]) -> None:
         raise SystemExit(
             f"sparse-llava serve runs transformers 5.x's server; this is transformers {transformers.__version__}"
         )
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
+    if not serve_is_available():
         raise SystemExit("sparse-llava serve needs transformers' serving extra: pip install 'sparse-llava[serve]'")
     make_classes_known_to_serve()
     from transformers.cli.transformers import app

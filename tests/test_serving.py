@@ -31,28 +31,39 @@ ENVIRONMENT = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "f
 
 def test_serve_hooks_still_fit_transformers(converted):
     """
-    The private pieces of transformers' server that `make_classes_known_to_serve` relies on: its model manager builds
-    the class from the config's architecture and tells the modality from class names. Run in a fresh process, since
-    the hooks change transformers' module state.
+    The private pieces of transformers' server that `make_classes_known_to_serve` relies on: its model manager (from
+    5.25 on, its model loader, in a process the server spawns) builds the class from the config's architecture, and
+    the modality is told from class names. Run in a fresh process, since the hooks change transformers' module state.
     """
     folder = converted("llava")
     script = textwrap.dedent(
         f"""
-        from transformers.cli.serving.model_manager import ModelManager
-        from transformers.cli.serving.utils import Modality
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from transformers.cli.serving import model_manager
         from sparse_llava.serving import make_classes_known_to_serve
 
         make_classes_known_to_serve()
-        manager = ModelManager(device="cpu")
-        model = manager._load_model(manager.process_model_name({str(folder)!r}))
-        processor = manager._load_processor(manager.process_model_name({str(folder)!r}))
-        print(type(model).__name__, manager.get_model_modality(model, processor).name)
+        if hasattr(model_manager, "ModelLoader"):  # transformers >= 5.25
+            # As `transformers serve` builds its loader, and as its model's process loads: spawned, from a pickle.
+            loader = model_manager.ModelLoader(device="cpu")
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                model, processor = pool.submit(loader.load_model_and_processor, {str(folder)!r}).result()
+            modality = loader.get_model_modality(model.config, processor)
+        else:
+            manager = model_manager.ModelManager(device="cpu")
+            model = manager._load_model(manager.process_model_name({str(folder)!r}))
+            processor = manager._load_processor(manager.process_model_name({str(folder)!r}))
+            modality = manager.get_model_modality(model, processor)
+        print(type(model).__name__, modality.name)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENVIRONMENT)
     assert result.returncode == 0, (
-        "transformers' serve internals changed (sparse_llava/serving.py hooks ModelManager._load_model's "
-        f"getattr(transformers, architecture) and get_model_modality's class-name tables):\n{result.stderr[-3000:]}"
+        "transformers' serve internals changed (sparse_llava/serving.py hooks getattr(transformers, architecture) in "
+        "ModelManager._load_model, or from 5.25 ModelLoader._load_model in the model's spawned process, and "
+        f"get_model_modality's class-name tables):\n{result.stderr[-3000:]}"
     )
     assert result.stdout.split()[-2:] == ["DynamicLlavaForConditionalGeneration", "VLM"]
 

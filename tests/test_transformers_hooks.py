@@ -206,7 +206,7 @@ def test_releases_outside_the_range_are_refused_in_one_line(version):
     assert "\n" not in message and version in message and compat_transformers.SUPPORTED_TRANSFORMERS in message
 
 
-@pytest.mark.parametrize("version", ["4.57.0", "4.57.6", "5.15.0", "5.19.1", "5.24.0", "5.24.3"])
+@pytest.mark.parametrize("version", ["4.57.0", "4.57.6", "5.15.0", "5.19.1", "5.24.0", "5.24.3", "5.25.0"])
 def test_releases_in_the_range_are_accepted_quietly(version, caplog):
     check_transformers_version(version)
     assert "newer" not in caplog.text
