@@ -2,7 +2,8 @@
 
     python benchmarks/run.py [--quick] [--json results.json] [--plot figure.png] [--device cpu|cuda]
                              [--new-tokens 256 1024] [--decode-tokens 1024] [--batch-decode-tokens 256]
-                             [--no-compile] [--threads N]
+                             [--decode-only] [--batches 1 8] [--models ...] [--decode-repeats 2] [--no-compile]
+                             [--threads N]
 
 All models of a shape share the same random weights. Two mid-size shapes (hidden 1024; the vision tower is kept small
 so that the language model, which the methods act on, dominates):
