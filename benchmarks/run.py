@@ -594,8 +594,8 @@ def plot(traces: dict, path: str) -> None:
 def decode_plan(args) -> dict:
     """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, whether
     the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), the batches dense
-    LLaVA's DynamicCache is timed at, and the rounds of Dynamic-LLaVA's keep-rate calibration per batch (the second
-    batch's starts from the first batch's bias)."""
+    LLaVA's DynamicCache is timed at, and the rounds of Dynamic-LLaVA's keep-rate calibration per batch (--quick's
+    one round at batch 8 starts from batch 1's bias when batch 1 ran first)."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
