@@ -246,14 +246,14 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
 
 def single_query_mask(config, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """
-    The mask of a single query placed after every slot, which may see the slots `visible[batch, slots]` allows, as
-    the sdpa and eager backends take it (`[batch, 1, 1, slots]`: bool, True where attended, for sdpa; additive float
-    for eager), which is what `create_causal_mask` builds there. Built directly because a decode step needs it in
-    every layer, where `create_causal_mask`'s general machinery costs more than the layer's attention. None for other
-    backends: use `create_layer_causal_mask`.
+    The mask of a single query placed after every slot, which may see the slots `visible[batch, slots]` allows (or,
+    per head, `visible[batch, heads, slots]`), as the sdpa and eager backends take it (`[batch, 1 or heads, 1,
+    slots]`: bool, True where attended, for sdpa; additive float for eager), which is what `create_causal_mask` builds
+    there. Built directly because a decode step needs it in every layer, where `create_causal_mask`'s general
+    machinery costs more than the layer's attention. None for other backends: use `create_layer_causal_mask`.
     """
     backend = attention_backend(config)
-    mask = visible[:, None, None, :]
+    mask = visible[:, None, None, :] if visible.dim() == 2 else visible[:, :, None, :]
     if backend == "sdpa":
         return mask
     if backend == "eager":

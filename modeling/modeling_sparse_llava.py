@@ -698,7 +698,8 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             past_slots = slots_valid.shape[1] - stream.valid.shape[1]
         chunk_length = stream.hidden_states.shape[1]
         if chunk_length == 1:  # a decode step
-            mask = single_query_mask(self.config.get_text_config(), slots_valid, stream.hidden_states.dtype)
+            visible = self.decode_step_visibility(layer_idx, slots_valid, cache)
+            mask = single_query_mask(self.config.get_text_config(), visible, stream.hidden_states.dtype)
             if mask is not None:
                 return mask
         admission_mask = None
@@ -719,6 +720,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             # Checking whether a mask can be skipped reads it on the host; only worth it for multi-token chunks.
             skip_allowed=chunk_length > 1,
         )
+
+    def decode_step_visibility(self, layer_idx: int, slots_visible: torch.Tensor, cache: SparseCache | None):
+        """
+        The slots a decode step's token reads in layer `layer_idx`: `[batch, slots]`, or `[batch, heads, slots]` for
+        a method whose heads read different slots. The base: every slot the cache shows it.
+        """
+        return slots_visible
 
     def policy_attention_mask(self, stream: TokenStream, cache: SparseCache | None) -> torch.Tensor:
         """

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from .cache_sparse_llava import IncomingChunk, SparseCache
-from .compat_transformers import checkpointed_call
+from .compat_transformers import attention_backend, checkpointed_call
 from .configuration_yopo import YopoConfig
 from .modeling_sparse_llava import SparseLlavaForConditionalGeneration, TokenStream, gather_slots, scatter_slots
 
@@ -296,9 +296,21 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
                 return checkpointed_call(decoder_layer, checkpointed, stream.hidden_states)
             return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
         if cache is not None and plan.pruned_heads and cache.layers[layer_idx].holds_images:
-            # A text-only chunk reading cached vision keys that some heads must not see.
-            return self.yopo_layer(layer_idx, decoder_layer, stream, self.text_only_layout(stream), cache)
+            # Text reading cached vision keys that some heads must not see. A decode step runs transformers' own layer
+            # with a per-head mask (`decode_step_visibility`), which the sdpa and eager backends take; a multi-token
+            # chunk, or another backend, goes through the YOPO layer.
+            decode_step = stream.hidden_states.shape[1] == 1
+            if not (decode_step and attention_backend(self.config.get_text_config()) in ("sdpa", "eager")):
+                return self.yopo_layer(layer_idx, decoder_layer, stream, self.text_only_layout(stream), cache)
         return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
+
+    def decode_step_visibility(self, layer_idx: int, slots_visible: torch.Tensor, cache: SparseCache | None):
+        if cache is None or not self.plans[layer_idx].pruned_heads or not cache.layers[layer_idx].holds_images:
+            return slots_visible
+        # Image slots are set only by chunks, so a decode step reads them as they were left at prefill.
+        image = cache.image_slots(layer_idx, slots_visible.shape[1])
+        pruned = self.pruned_head_mask(layer_idx, slots_visible.device)
+        return slots_visible[:, None, :] & ~(image[:, None, :] & pruned[None, :, None])
 
     @staticmethod
     def text_only_layout(stream: TokenStream) -> VisionLayout:
