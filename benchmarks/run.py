@@ -29,6 +29,8 @@ For each method it measures, on the LLaVA-1.5 shape,
   for the fixed-capacity cache, whose size is known after the prefill, the largest batch;
 * the FLOPs of one decode step without a cache (the whole sequence after the decode-speed run's tokens, last
   position's logits only, as `generate(use_cache=False)` runs it);
+* the share of a decode step spent in attention (`attention_share_b{1,8}`, profiled), the part a smaller cache makes
+  cheaper: `1 / (1 - share)` of dense is the most any method that keeps text tokens in every layer can reach;
 * peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
   of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
   above what the process held once the model was built (`peak_memory_above_model`);
@@ -39,9 +41,10 @@ peak memory there). `--plot` draws KV-cache bytes and cumulative decode FLOPs ag
 
 Untrained predictors would make arbitrary decisions, so the decisions are forced to the paper's keep rates:
 * Dynamic-LLaVA's image predictor keeps its top `floor(0.2 n)` image tokens whatever its weights (a fixed count);
-  its output-text predictor is given a bias on the keep logit, calibrated on untimed generations of the measured
-  length so that it keeps about half of the generated tokens (the paper's r^OT = 0.5); the measured keep rate is
-  reported (`output_keep_rate_N`);
+  its output-text predictor gets a per-row offset on the keep logit so that each row keeps about half of its
+  generated tokens (the paper's r^OT = 0.5, which its regulariser trains per sample): started from an untimed
+  calibration generation of the measured rows and length, and following the row's decisions while decoding
+  (`OutputKeepRate`); the measured keep rate is reported (`output_keep_rate_N`);
 * p-MoD layers keep `trunc(n R_l)` vision tokens whatever the routers' weights (the progressive schedule);
 * YOPO runs its 12% preset (5 x 5 window, vision tokens in the first quarter of the layers, half the FFN neurons);
   from layer 2 on (the reference never prunes layers 0 and 1) only the first half of the heads keep working on
@@ -211,23 +214,62 @@ def build_models(shape, device, names=METHODS) -> dict:
     return models
 
 
-def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5, rounds: int = 2) -> None:
+class OutputKeepRate:
     """
-    Bias the keep logit so that about `rate` of `tokens` generated tokens are kept (see module docstring). The
-    decisions change the hidden states of later tokens, and a random model's hidden states drift over long outputs,
-    so the bias is refined over a few generations of the length that is then measured.
+    Forces Dynamic-LLaVA's output-text decisions to keep about `rate` of each row's generated tokens (see module
+    docstring): a per-row offset is taken off the keep logit (a forward hook on the output-text predictor). Per row,
+    because the paper's regulariser pulls each sample's kept fraction to its target, and because a batch's cache is as
+    wide as the row that keeps most. A random model's margins drift over a long output, so during eager decoding each
+    row's offset follows its decisions (up after a keep, down after a drop: a running quantile), starting, at every
+    prompt, from the rows' median margin in an untimed calibration generation. In a compiled step the offsets stay as
+    they are.
     """
-    margins = []
-    handle = model.output_text_score_predictor.register_forward_hook(
-        lambda module, args, logits: margins.append((logits[..., 0] - logits[..., 1]).flatten())
-    )
-    for _ in range(rounds):
-        margins.clear()
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        threshold = torch.quantile(torch.cat(margins).float(), 1 - rate)
-        with torch.no_grad():
-            model.output_text_score_predictor.output_mlp[-1].bias[0] -= threshold
-    handle.remove()
+
+    def __init__(self, model, rate: float = 0.5, step: float = 0.25):
+        self.model, self.rate, self.step = model, rate, step
+        self.start = self.offsets = self.step_sizes = None
+        self.margins: list[torch.Tensor] | None = None  # recorded during calibration
+        model.output_text_score_predictor.register_forward_hook(self.decide)
+        model.register_forward_pre_hook(self.new_prompt, with_kwargs=True)
+
+    def new_prompt(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids")
+        if self.start is not None and input_ids is not None and input_ids.shape[1] > 1:
+            self.offsets = self.start.clone()
+
+    def decide(self, module, args, logits):
+        if self.offsets is None:
+            margin = logits[..., 0] - logits[..., 1]
+        else:
+            offsets = self.offsets[: logits.shape[0]].view(-1, *([1] * (logits.dim() - 2)))
+            logits = torch.stack([logits[..., 0] - offsets, logits[..., 1]], dim=-1)
+            margin = logits[..., 0] - logits[..., 1]
+            if not torch.compiler.is_compiling():
+                kept = (margin > 0).float().flatten(1).mean(1)
+                self.offsets[: logits.shape[0]] += self.step_sizes[: logits.shape[0]] * (kept - self.rate)
+        if self.margins is not None:
+            self.margins.append(margin.flatten(1).float())
+        return logits
+
+    def calibrate(self, inputs, tokens: int) -> None:
+        """One untimed generation of the measured rows and length, without offsets: each row's median margin and its
+        spread set the starting offsets and the step."""
+        self.start = self.offsets = None
+        self.margins = []
+        self.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        margins, self.margins = torch.cat(self.margins, dim=1), None
+        self.start = torch.quantile(margins, 1 - self.rate, dim=1)
+        spread = torch.quantile(margins, 0.75, dim=1) - torch.quantile(margins, 0.25, dim=1)
+        self.step_sizes = self.step * spread.clamp(min=1e-6)
+
+
+def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5) -> None:
+    """Keep about `rate` of each row's generated tokens from now on (`OutputKeepRate`), calibrated for these rows and
+    this length."""
+    forcing = getattr(model, "forced_output_keep_rate", None)
+    if forcing is None:
+        forcing = model.forced_output_keep_rate = OutputKeepRate(model, rate)
+    forcing.calibrate(inputs, tokens)
 
 
 def kv_bytes(cache, stored_only: bool = False) -> int:
@@ -360,11 +402,12 @@ def setups_of(name: str) -> tuple[str, ...]:
     return SETUPS["dense" if name == "dense" else "sparse"]
 
 
-def timed_generate(model, inputs, tokens: int, device, **settings):
+def timed_generate(model, inputs, tokens: int, device, profiler=None, **settings):
     """
     Greedy `generate()` of `tokens` new tokens; returns its output and the time of each decode step. Steps are marked
     where `generate()` prepares each forward's inputs, outside any compiled region (a forward hook would be compiled
-    into the graph), so the first step starts when the prefill has ended.
+    into the graph), so the first step starts when the prefill has ended. A `torch.profiler.profile` given as
+    `profiler` records the decode steps only.
     """
     marks = []
     original = model.prepare_inputs_for_generation
@@ -373,6 +416,8 @@ def timed_generate(model, inputs, tokens: int, device, **settings):
     def marked(*args, **kwargs):
         synchronize(device)
         marks.append(time.perf_counter())
+        if profiler is not None and len(marks) == 2:  # the first decode step
+            profiler.start()
         return original(*args, **kwargs)
 
     model.prepare_inputs_for_generation = marked
@@ -390,6 +435,8 @@ def timed_generate(model, inputs, tokens: int, device, **settings):
         marks.append(time.perf_counter())
     finally:
         del model.prepare_inputs_for_generation
+        if profiler is not None and len(marks) > 2:
+            profiler.stop()
     # marks[0]: before the prefill; marks[1]: before the first decode step; the last: after the last step.
     return output, [end - start for start, end in zip(marks[1:], marks[2:])]
 
@@ -420,6 +467,30 @@ def decode_rate(step_times: list[list[float]], batch: int) -> float:
     load of a shared machine)."""
     fastest = [min(times) for times in zip(*step_times)]
     return batch * len(fastest) / sum(fastest)
+
+
+PROFILED_STEPS = 8
+
+
+def attention_share(model, inputs, tokens: int, device) -> float:
+    """
+    The fraction of a decode step's time spent in the attention kernels (`scaled_dot_product_attention`), the only
+    part of a text token's step that shrinks with the cache: over `PROFILED_STEPS` steps with the fixed-capacity cache
+    (dense: its StaticCache), eagerly, sized for `tokens` new tokens as in the timed runs, under `torch.profiler`. A
+    method that stored nothing at all would run at most `1 / (1 - share)` times as fast as dense.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    settings = decode_settings(model, "static", inputs["input_ids"].shape[1] + tokens - 1, device)
+    _, steps = timed_generate(model, inputs, PROFILED_STEPS, device, profiler=profiler, **settings)
+    attention_us = sum(
+        event.self_device_time_total if cuda else event.self_cpu_time_total
+        for event in profiler.key_averages()
+        if "scaled_dot_product" in event.key
+    )
+    return attention_us / 1e6 / sum(steps)
 
 
 def compile_setup(name, model, inputs, tokens: int, device) -> None:
@@ -471,7 +542,7 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
         for name, model in models.items():
             if hasattr(model, "output_text_score_predictor"):
                 # Calibrated on these rows and this length, so that every batch keeps about half of its output.
-                force_output_keep_rate(model, inputs, tokens=tokens, rounds=plan["calibration_rounds"][batch])
+                force_output_keep_rate(model, inputs, tokens=tokens)
             compiled = name in plan["compiled"].get(batch, ())
             for setup in setups_of(name):
                 if setup == "compiled" and not compiled:
@@ -492,6 +563,9 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
                 results[name]["sequence"] = output.sequences
                 results[name][f"kv_bytes_{tokens}"] = kv_bytes(cache)
                 results[name].update(keep_rates(cache, str(tokens)))
+        if batch in plan["attention_share_batches"]:
+            for name, model in models.items():
+                results[name][f"attention_share_b{batch}"] = attention_share(model, inputs, tokens, device)
     return results
 
 
@@ -593,9 +667,8 @@ def plot(traces: dict, path: str) -> None:
 
 def decode_plan(args) -> dict:
     """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, whether
-    the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), the batches dense
-    LLaVA's DynamicCache is timed at, and the rounds of Dynamic-LLaVA's keep-rate calibration per batch (--quick's
-    one round at batch 8 starts from batch 1's bias when batch 1 ran first)."""
+    the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), and the batches
+    dense LLaVA's DynamicCache is timed at, and those the attention share of a step is profiled at."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
@@ -610,8 +683,9 @@ def decode_plan(args) -> dict:
         "batches": tuple(sorted(args.batches)),
         "compiled": compiled,
         "fixed_eager": not args.quick,
+        # A batch-8 prefill takes about 10 s a model on 2 cores.
+        "attention_share_batches": (1,) if args.quick else (1, 8),
         "dynamic_cache_batches": (1,) if args.quick else (1, 8),
-        "calibration_rounds": {1: 2, 8: 1 if args.quick else 2},
     }
 
 
@@ -620,7 +694,7 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
     Per model and batch, decode tokens/s against dense LLaVA with a StaticCache in the same run: eager against eager
     (the method's default cache; dense: its DynamicCache), the fixed-capacity cache eagerly, compiled against dense
     compiled, and compiled against the same cache eagerly (dense: its StaticCache; the methods: the fixed-capacity
-    cache); then the KV-budget batch and tokens/s against dense's, and the FLOPs of a no-cache decode step against
+    cache), next to the share of a step spent in attention (`attention_share`); then the KV-budget batch and tokens/s against dense's, and the FLOPs of a no-cache decode step against
     dense's.
     """
     dense = absolute["dense"]
@@ -641,6 +715,7 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
             row[f"b{batch}_fixed"] = over(tps("static"), baseline)
             row[f"b{batch}_compiled"] = over(tps("compiled"), dense.get(f"decode_tps_b{batch}_compiled"))
             row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static"))
+            row[f"b{batch}_attention_share"] = values.get(f"attention_share_b{batch}")
         row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
         row["kv_budget_batch_fixed"] = (
             values["kv_budget_batch_fixed"] / dense["kv_budget_batch"] if "kv_budget_batch_fixed" in values else None
@@ -791,7 +866,8 @@ def main() -> None:
     print_table(
         f"\ndecode (new tokens per batch: {plan['tokens']}) against dense LLaVA with a StaticCache (eager: the method's default "
         "cache, dense's DynamicCache; fixed: the fixed-capacity cache, eager; compiled: against dense compiled; "
-        f"compiled_vs_eager: against the same cache eagerly; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
+        f"compiled_vs_eager: against the same cache eagerly; attention_share: the fraction of a step in attention, not "
+        f"a ratio; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
         decode,
         list(next(iter(decode.values()))),
     )

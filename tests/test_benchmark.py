@@ -1,0 +1,39 @@
+"""The benchmark's stand-ins for trained decisions and its attention profile (benchmarks/run.py), on tiny models."""
+
+import sys
+from pathlib import Path
+
+from conftest import generated_cache
+from test_dynamic_llava_decode import text_sparse_model
+from test_dynamic_llava_prefill import inputs_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run as benchmark  # noqa: E402
+
+TOKENS = 48
+
+
+def output_keep_rates(model, inputs) -> list[float]:
+    output = model.generate(
+        **inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False, return_dict_in_generate=True
+    )
+    layer = generated_cache(output).sparsity_report()[model.config.sparse_layer]
+    return [kept / seen for kept, seen in zip(layer["output_text_kept"], layer["output_text_seen"])]
+
+
+def test_forced_output_keep_rate_keeps_about_half_of_each_row(converted):
+    """Each row of a (padded) batch keeps about half of its generated tokens, the paper's per-sample target, where
+    the predictor alone keeps a different share in each row."""
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+    unforced = output_keep_rates(model, inputs)
+    benchmark.force_output_keep_rate(model, inputs, tokens=TOKENS)
+    forced = output_keep_rates(model, inputs)
+    assert max(abs(rate - 0.5) for rate in unforced) > 0.15, unforced  # the forcing has something to do
+    assert all(abs(rate - 0.5) <= 0.1 for rate in forced), forced
+
+
+def test_attention_share_is_a_fraction_of_the_decode_step(base_checkpoints):
+    base_model = base_checkpoints[("llava", "hub")][1]
+    share = benchmark.attention_share(base_model, inputs_for("llava"), tokens=TOKENS, device="cpu")
+    assert 0 < share < 1
