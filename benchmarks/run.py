@@ -220,22 +220,29 @@ class OutputKeepRate:
     docstring): a per-row offset is taken off the keep logit (a forward hook on the output-text predictor). Per row,
     because the paper's regulariser pulls each sample's kept fraction to its target, and because a batch's cache is as
     wide as the row that keeps most. A random model's margins drift over a long output, so during eager decoding each
-    row's offset follows its decisions (up after a keep, down after a drop: a running quantile), starting, at every
-    prompt, from the rows' median margin in an untimed calibration generation. In a compiled step the offsets stay as
-    they are.
+    row's offset follows its decisions (up after a keep, down after a drop: a running quantile, whose step doubles
+    while the decisions go one way), starting, at every prompt, from the rows' median margin in an untimed calibration
+    generation. In a compiled step the offsets stay as they are.
     """
 
-    def __init__(self, model, rate: float = 0.5, step: float = 0.25):
+    def __init__(self, model, rate: float = 0.5, step: float = 0.1):
         self.model, self.rate, self.step = model, rate, step
-        self.start = self.offsets = self.step_sizes = None
+        self.start = self.start_steps = self.offsets = None
+        self.base_steps = self.step_sizes = self.directions = None
         self.margins: list[torch.Tensor] | None = None  # recorded during calibration
         model.output_text_score_predictor.register_forward_hook(self.decide)
         model.register_forward_pre_hook(self.new_prompt, with_kwargs=True)
 
     def new_prompt(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids")
-        if self.start is not None and input_ids is not None and input_ids.shape[1] > 1:
-            self.offsets = self.start.clone()
+        if self.start is None or input_ids is None or input_ids.shape[1] == 1:
+            return
+        # Rows past the calibrated ones (a larger batch of the same prompts and more) start from their median.
+        extra = max(input_ids.shape[0] - len(self.start), 0)
+        self.offsets = torch.cat([self.start, self.start.median().expand(extra)])
+        self.base_steps = torch.cat([self.start_steps, self.start_steps.median().expand(extra)])
+        self.step_sizes = self.base_steps.clone()
+        self.directions = torch.zeros_like(self.offsets)
 
     def decide(self, module, args, logits):
         if self.offsets is None:
@@ -245,8 +252,15 @@ class OutputKeepRate:
             logits = torch.stack([logits[..., 0] - offsets, logits[..., 1]], dim=-1)
             margin = logits[..., 0] - logits[..., 1]
             if not torch.compiler.is_compiling():
-                kept = (margin > 0).float().flatten(1).mean(1)
-                self.offsets[: logits.shape[0]] += self.step_sizes[: logits.shape[0]] * (kept - self.rate)
+                rows = logits.shape[0]
+                direction = torch.sign((margin > 0).float().flatten(1).mean(1) - self.rate)
+                # A row that keeps deciding the same way is far from its quantile: double its step until it turns.
+                same = direction == self.directions[:rows]
+                self.step_sizes[:rows] = torch.where(
+                    same, self.step_sizes[:rows] * 2, torch.maximum(self.step_sizes[:rows] / 2, self.base_steps[:rows])
+                )
+                self.offsets[:rows] += self.step_sizes[:rows] * direction
+                self.directions[:rows] = direction
         if self.margins is not None:
             self.margins.append(margin.flatten(1).float())
         return logits
@@ -260,7 +274,7 @@ class OutputKeepRate:
         margins, self.margins = torch.cat(self.margins, dim=1), None
         self.start = torch.quantile(margins, 1 - self.rate, dim=1)
         spread = torch.quantile(margins, 0.75, dim=1) - torch.quantile(margins, 0.25, dim=1)
-        self.step_sizes = self.step * spread.clamp(min=1e-6)
+        self.start_steps = self.step * spread.clamp(min=1e-6)
 
 
 def force_output_keep_rate(model, inputs, tokens: int, rate: float = 0.5) -> None:

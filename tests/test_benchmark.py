@@ -7,6 +7,8 @@ from conftest import generated_cache
 from test_dynamic_llava_decode import text_sparse_model
 from test_dynamic_llava_prefill import inputs_for
 
+from sparse_llava.tiny import tiny_inputs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import run as benchmark  # noqa: E402
 
@@ -31,6 +33,9 @@ def test_forced_output_keep_rate_keeps_about_half_of_each_row(converted):
     forced = output_keep_rates(model, inputs)
     assert max(abs(rate - 0.5) for rate in unforced) > 0.15, unforced  # the forcing has something to do
     assert all(abs(rate - 0.5) <= 0.1 for rate in forced), forced
+    # A larger batch than the calibration's (the KV-budget runs): its new rows start from the calibrated rows' median.
+    larger = output_keep_rates(model, tiny_inputs("llava", batch_size=4, left_padding=[0, 7, 3, 0]))
+    assert all(abs(rate - 0.5) <= 0.15 for rate in larger), larger
 
 
 def test_attention_share_is_a_fraction_of_the_decode_step(base_checkpoints):
