@@ -14,7 +14,7 @@ so that the language model, which the methods act on, dominates):
 For each method it measures, on the LLaVA-1.5 shape,
 
 * prefill FLOPs (`torch.utils.flop_counter`, attention included on CPU too) and prefill wall time (median of repeats
-  after a warm-up);
+  after a warm-up, the FLOP-counted prefill);
 * the KV-cache bytes after prefill (all, and the image tokens' part) and after N new tokens (`--new-tokens`; for
   N = the batch-1 decode length, read off that decode-speed run's default cache);
 * decode tokens/s at batch 1 (over `--decode-tokens` new tokens, 1024) and at batch 8 (rows of different prompts,
@@ -348,18 +348,18 @@ def measure_prefill(model, inputs, repeats, device) -> dict:
     result = {}
     with torch.no_grad():
         # As in generate(): only the last position's logits are computed at prefill.
-        with flop_counter() as counter:
+        with flop_counter() as counter:  # also the warm-up of the timed prefills
             model(**inputs, use_cache=True, logits_to_keep=1)
         result["prefill_flops"] = counter.get_total_flops()
         times = []
-        for _ in range(repeats + 1):
+        for _ in range(repeats):
             synchronize(device)
             start = time.perf_counter()
-            model(**inputs, use_cache=True, logits_to_keep=1)
+            output = model(**inputs, use_cache=True, logits_to_keep=1)
             synchronize(device)
             times.append(time.perf_counter() - start)
-        result["prefill_time"] = statistics.median(times[1:])
-        cache = getattr(model(**inputs, use_cache=True, logits_to_keep=1), CACHE_NAME)
+        result["prefill_time"] = statistics.median(times)
+        cache = getattr(output, CACHE_NAME)
         result["kv_bytes_prefill"] = kv_bytes(cache)
         result["kv_vision_bytes_prefill"] = vision_kv_bytes(cache, inputs)
     return result
