@@ -756,8 +756,8 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="a short run: KV bytes at 64 new tokens, decode speed over 64 (batch 1) and 32 (batch 8) new tokens, 1 "
-        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, dense's DynamicCache at batch 1 only, "
-        "Dynamic-LLaVA's batch-8 calibration in one round, peak memory over 32 tokens on the LLaVA-1.5 shape",
+        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, dense's DynamicCache at batch 1 only, the "
+        "attention share at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 shape",
     )
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None, help="KV bytes after these many tokens")
     parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the batch-1 decode-speed runs")
