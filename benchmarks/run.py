@@ -3,7 +3,7 @@
     python benchmarks/run.py [--quick] [--json results.json] [--plot figure.png] [--device cpu|cuda]
                              [--new-tokens 256 1024] [--decode-tokens 1024] [--batch-decode-tokens 256]
                              [--decode-only] [--batches 1 8] [--models ...] [--decode-repeats 2] [--no-compile]
-                             [--threads N]
+                             [--no-kv-budget] [--threads N]
 
 All models of a shape share the same random weights. Two mid-size shapes (hidden 1024; the vision tower is kept small
 so that the language model, which the methods act on, dominates):
@@ -730,11 +730,14 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
             row[f"b{batch}_compiled"] = over(tps("compiled"), dense.get(f"decode_tps_b{batch}_compiled"))
             row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static"))
             row[f"b{batch}_attention_share"] = values.get(f"attention_share_b{batch}")
-        row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
-        row["kv_budget_batch_fixed"] = (
-            values["kv_budget_batch_fixed"] / dense["kv_budget_batch"] if "kv_budget_batch_fixed" in values else None
-        )
-        row["kv_budget_tps"] = values["kv_budget_tps"] / dense["kv_budget_tps"]
+        if "kv_budget_batch" in values:
+            row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
+            row["kv_budget_batch_fixed"] = (
+                values["kv_budget_batch_fixed"] / dense["kv_budget_batch"]
+                if "kv_budget_batch_fixed" in values
+                else None
+            )
+            row["kv_budget_tps"] = values["kv_budget_tps"] / dense["kv_budget_tps"]
         if "no_cache_step_flops" in values:
             row["no_cache_step_flops"] = values["no_cache_step_flops"] / dense["no_cache_step_flops"]
         ratios[name] = row
@@ -775,6 +778,7 @@ def main() -> None:
         "--batches", type=int, nargs="+", choices=(1, 8), default=[1, 8], help="the decode-speed batches (default 1 8)"
     )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
+    parser.add_argument("--no-kv-budget", action="store_true", help="leave out the throughput within a KV budget")
     parser.add_argument(
         "--decode-only",
         action="store_true",
@@ -827,7 +831,11 @@ def main() -> None:
         if shape == "llava-1.5":
             print(f"decode speed (new tokens per batch: {plan['tokens']})", file=sys.stderr, flush=True)
             speeds = measure_decode_speed(models, config, args.device, plan, decode_repeats)
-            budget = measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
+            budget = (
+                {name: {} for name in models}
+                if args.no_kv_budget
+                else measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
+            )
             for name, model in models.items():
                 sequence = speeds[name].pop("sequence", None)  # generated at batch 1
                 absolute[name].update(speeds[name], **budget[name])
