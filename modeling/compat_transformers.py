@@ -31,7 +31,8 @@ checks each one and fails with a message naming it when a release changes it:
    the layer's physical slots (`create_layer_causal_mask`); on 4.57 `ALL_MASK_ATTENTION_FUNCTIONS`, `and_masks` and
    `causal_mask_function` of `transformers.masking_utils`; and the masks the sdpa and eager backends take for a
    single query (`[batch, 1, 1, slots]`, bool True-where-attended / additive float), which decode steps build directly
-   (`single_query_mask`);
+   (`single_query_mask`), and which those backends also take per head (`[batch, heads, 1, slots]`: YOPO's pruned
+   heads);
 5. the decoder layer's call, `LlamaDecoderLayer(hidden_states, attention_mask, <CACHE_NAME>=, use_cache=,
    position_embeddings=)`, and its attention's, `LlamaAttention(hidden_states, position_embeddings, attention_mask,
    <CACHE_NAME>=) -> (output, weights)`, which call `cache.update(keys, values, layer_idx, ...)`;

@@ -165,6 +165,41 @@ def test_hook_single_query_mask_is_the_backends_mask(backend, max_cache_len):
         cache.update(states[:, :, :1], states[:, :, :1], 0)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_hook_backends_take_a_per_head_single_query_mask(backend):
+    """
+    YOPO's decode steps hand transformers' attention a per-head mask (`[batch, heads, 1, slots]`, from
+    `single_query_mask`): each head must attend to exactly the slots its row of the mask allows.
+    """
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.models.llama.modeling_llama import (
+        LlamaAttention,
+        LlamaRotaryEmbedding,
+        apply_rotary_pos_emb,
+        repeat_kv,
+    )
+
+    config = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    config._attn_implementation = backend
+    torch.manual_seed(0)
+    attention = LlamaAttention(config, layer_idx=0).eval()
+    hidden = torch.randn(2, 6, 16)
+    cos, sin = LlamaRotaryEmbedding(config)(hidden, torch.arange(6).expand(2, -1))
+    visible = torch.rand(2, 4, 6) > 0.5
+    visible[..., -1] = True  # every head sees the query itself
+    cache = DynamicCache()
+    with torch.no_grad():
+        attention(hidden[:, :5], (cos[:, :5], sin[:, :5]), None, **{CACHE_NAME: cache})  # the past slots
+        mask = compat_transformers.single_query_mask(config, visible, torch.float32)
+        actual, _ = attention(hidden[:, 5:], (cos[:, 5:], sin[:, 5:]), mask, **{CACHE_NAME: cache})
+        keys, values = (repeat_kv(states, 2) for states in (cache.layers[0].keys, cache.layers[0].values))
+        query = attention.q_proj(hidden[:, 5:]).view(2, 1, 4, 4).transpose(1, 2)
+        query, _ = apply_rotary_pos_emb(query, query, cos[:, 5:], sin[:, 5:])
+        scores = (query @ keys.transpose(-1, -2) * attention.scaling).masked_fill(~visible[:, :, None], -torch.inf)
+        expected = attention.o_proj((scores.softmax(-1) @ values).transpose(1, 2).flatten(2))
+    assert (actual - expected).abs().max() <= 1e-5, f"{RELEASE}: {backend} attention no longer takes per-head masks"
+
+
 def test_hook_generate_compiles_a_fixed_cache_decode(converted):
     """
     generate() compiles the decode steps of a compileable cache (on CPU when `CompileConfig._compile_all_devices`, the
