@@ -30,7 +30,7 @@ For each method it measures, on the LLaVA-1.5 shape,
 * the FLOPs of one decode step without a cache (the whole sequence after the decode-speed run's tokens, last
   position's logits only, as `generate(use_cache=False)` runs it);
 * the share of a decode step spent in attention (`attention_share_b{1,8}`, profiled), the part a smaller cache makes
-  cheaper: `1 / (1 - share)` of dense is the most any method that keeps text tokens in every layer can reach;
+  cheaper: about `1 / (1 - share)` of dense is the most any method that keeps text tokens in every layer can reach;
 * peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
   of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
   above what the process held once the model was built (`peak_memory_above_model`);
@@ -681,8 +681,8 @@ def plot(traces: dict, path: str) -> None:
 
 def decode_plan(args) -> dict:
     """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, whether
-    the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), and the batches
-    dense LLaVA's DynamicCache is timed at, and those the attention share of a step is profiled at."""
+    the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), the batches dense
+    LLaVA's DynamicCache is timed at, and those the attention share of a step is profiled at."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
@@ -708,8 +708,8 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
     Per model and batch, decode tokens/s against dense LLaVA with a StaticCache in the same run: eager against eager
     (the method's default cache; dense: its DynamicCache), the fixed-capacity cache eagerly, compiled against dense
     compiled, and compiled against the same cache eagerly (dense: its StaticCache; the methods: the fixed-capacity
-    cache), next to the share of a step spent in attention (`attention_share`); then the KV-budget batch and tokens/s against dense's, and the FLOPs of a no-cache decode step against
-    dense's.
+    cache), next to the share of a step spent in attention (`attention_share`); then the KV-budget batch and tokens/s
+    against dense's, and the FLOPs of a no-cache decode step against dense's.
     """
     dense = absolute["dense"]
     ratios = {}
