@@ -295,7 +295,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
                 return checkpointed_call(decoder_layer, checkpointed, stream.hidden_states)
             return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
-        if cache is not None and plan.pruned_heads and cache.layers[layer_idx].holds_images:
+        if self.pruned_heads_hold_vision(layer_idx, cache):
             # Text reading cached vision keys that some heads must not see. A decode step runs transformers' own layer
             # with a per-head mask (`decode_step_visibility`), which the sdpa and eager backends take; a multi-token
             # chunk, or another backend, goes through the YOPO layer.
@@ -304,8 +304,12 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
                 return self.yopo_layer(layer_idx, decoder_layer, stream, self.text_only_layout(stream), cache)
         return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
 
+    def pruned_heads_hold_vision(self, layer_idx: int, cache: SparseCache | None) -> bool:
+        """Whether layer `layer_idx` has heads that must not read the vision keys its cache holds (known on the host)."""
+        return cache is not None and bool(self.plans[layer_idx].pruned_heads) and cache.layers[layer_idx].holds_images
+
     def decode_step_visibility(self, layer_idx: int, slots_visible: torch.Tensor, cache: SparseCache | None):
-        if cache is None or not self.plans[layer_idx].pruned_heads or not cache.layers[layer_idx].holds_images:
+        if not self.pruned_heads_hold_vision(layer_idx, cache):
             return slots_visible
         # Image slots are set only by chunks, so a decode step reads them as they were left at prefill.
         image = cache.image_slots(layer_idx, slots_visible.shape[1])
