@@ -19,13 +19,14 @@ For each method it measures, on the LLaVA-1.5 shape,
   N = the batch-1 decode length, read off that decode-speed run's default cache);
 * decode tokens/s at batch 1 (over `--decode-tokens` new tokens, 1024) and at batch 8 (rows of different prompts,
   over `--batch-decode-tokens`, 256), against dense LLaVA's strongest set-ups: its `StaticCache` eagerly (the
-  baseline of the ratios) and compiled, next to its `DynamicCache` (for reference). Each method runs its default growing `SparseCache`, the fixed-capacity one
-  (`cache_implementation="static"`) eagerly, and that compiled, by `generate()` itself (`compile_config`, inductor;
-  on CPU with transformers' private `_compile_all_devices` switch), after an untimed compiling generation. A step's
-  time is its fastest over the repeats, which keeps the numbers readable on a loaded machine;
-* throughput within a KV-cache budget, what dense LLaVA's `StaticCache` holds for 4 rows over the batch-8 length: the
-  largest batch each method's default cache fits (bytes per row measured at batch 8, checked at the batch found) and
-  its tokens/s there;
+  baseline of the ratios) and compiled, next to its `DynamicCache` (for reference). Each method runs its default
+  growing `SparseCache`, the fixed-capacity one (`cache_implementation="static"`) eagerly, and that compiled, by
+  `generate()` itself (`compile_config`, inductor; on CPU with transformers' private `_compile_all_devices` switch),
+  after an untimed compiling generation. The repeats (`--decode-repeats`, 2) go round all set-ups in turn, and a
+  step's time is its fastest over them, which keeps the numbers readable on a machine whose speed drifts;
+* throughput within a KV-cache budget, what dense LLaVA's `StaticCache` holds for 4 rows over the batch-8 length
+  (`--quick`: batch 1 and its length): the largest batch each method's default cache fits (bytes per row measured at
+  that batch, checked at the batch found) and its tokens/s there;
   for the fixed-capacity cache, whose size is known after the prefill, the largest batch;
 * the FLOPs of one decode step without a cache (the whole sequence after the decode-speed run's tokens, last
   position's logits only, as `generate(use_cache=False)` runs it);
@@ -691,15 +692,19 @@ def decode_plan(args) -> dict:
         compiled = {1: METHODS, 8: METHODS}
     return {
         "tokens": {
-            1: args.decode_tokens or (64 if args.quick else 1024),
+            1: args.decode_tokens or (32 if args.quick else 1024),
             8: args.batch_decode_tokens or (32 if args.quick else 256),
         },
-        "batches": tuple(sorted(args.batches)),
+        # --quick: batch 1 only. Over its 32 new tokens a batch-8 run mostly timed its prefill (about 10 s a model on 2
+        # cores), and the KV-budget runs decode 4 to 10 rows anyway.
+        "batches": tuple(sorted(args.batches or ([1] if args.quick else [1, 8]))),
         "compiled": compiled,
         "fixed_eager": not args.quick,
         # A batch-8 prefill takes about 10 s a model on 2 cores.
         "attention_share_batches": (1,) if args.quick else (1, 8),
         "dynamic_cache_batches": (1,) if args.quick else (1, 8),
+        # Timed generations of each KV-budget run (4 to 11 rows; with --quick, most of a run is its prefill).
+        "kv_budget_repeats": 1 if args.quick else args.decode_repeats or 2,
     }
 
 
@@ -758,9 +763,8 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a short run: KV bytes at 64 new tokens, decode speed over 64 (batch 1) and 32 (batch 8) new tokens, 1 "
-        "timed repeat, dense and Dynamic-LLaVA compiled at batch 1 only, dense's DynamicCache at batch 1 only, the "
-        "attention share at batch 1 only, peak memory over 32 tokens on the LLaVA-1.5 shape",
+        help="a short run: KV bytes, decode speed (batch 1 only), KV budget and peak memory over 32 new tokens, 1 timed "
+        "prefill, dense and Dynamic-LLaVA compiled, the LLaVA-NeXT shape without peak memory",
     )
     parser.add_argument("--new-tokens", type=int, nargs="+", default=None, help="KV bytes after these many tokens")
     parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens of the batch-1 decode-speed runs")
@@ -772,10 +776,15 @@ def main() -> None:
         "--decode-repeats",
         type=int,
         default=None,
-        help="timed generations of each decode set-up (default 2; --quick: 1)",
+        help="timed generations of each decode set-up, taken in turn (default 2)",
     )
     parser.add_argument(
-        "--batches", type=int, nargs="+", choices=(1, 8), default=[1, 8], help="the decode-speed batches (default 1 8)"
+        "--batches",
+        type=int,
+        nargs="+",
+        choices=(1, 8),
+        default=None,
+        help="the decode-speed batches (default 1 8; --quick: 1)",
     )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled set-ups")
     parser.add_argument("--no-kv-budget", action="store_true", help="leave out the throughput within a KV budget")
@@ -800,9 +809,10 @@ def main() -> None:
         shape, name, tokens = args.peak_memory_of
         peak_memory_child(shape, name, int(tokens), args.device)
         return
-    new_tokens = args.new_tokens or ([64] if args.quick else [256, 1024])
+    new_tokens = args.new_tokens or ([32] if args.quick else [256, 1024])
     repeats = args.repeats or (1 if args.quick else 5)
-    decode_repeats = args.decode_repeats or (1 if args.quick else 2)
+    # Two repeats in turn even with --quick: one run of each set-up after the other drifted by 10% on a shared machine.
+    decode_repeats = args.decode_repeats or 2
     plan = decode_plan(args)
     # The batch-1 decode-speed run of each model's default cache gives the KV bytes after its own length.
     kv_only_tokens = [count for count in new_tokens if 1 not in plan["batches"] or count != plan["tokens"][1]]
@@ -834,7 +844,7 @@ def main() -> None:
             budget = (
                 {name: {} for name in models}
                 if args.no_kv_budget
-                else measure_kv_budget(models, config, args.device, plan, speeds, decode_repeats)
+                else measure_kv_budget(models, config, args.device, plan, speeds, plan["kv_budget_repeats"])
             )
             for name, model in models.items():
                 sequence = speeds[name].pop("sequence", None)  # generated at batch 1
