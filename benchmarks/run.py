@@ -683,28 +683,33 @@ def plot(traces: dict, path: str) -> None:
 def decode_plan(args) -> dict:
     """What the decode-speed part measures: new tokens per batch, which models are compiled at which batch, whether
     the fixed-capacity cache is timed eagerly for every model (it always is for the compiled ones), the batches dense
-    LLaVA's DynamicCache is timed at, and those the attention share of a step is profiled at."""
+    LLaVA's DynamicCache is timed at, those the attention share of a step is profiled at, and the timed repeats of the
+    decode-speed and KV-budget runs."""
     if args.no_compile:
         compiled = {}
     elif args.quick:
         compiled = {1: ("dense", "dynamic-llava")}  # compiling takes about a minute a model on 2 cores
     else:
         compiled = {1: METHODS, 8: METHODS}
+    # Two repeats in turn even with --quick: timed once, one set-up after the other, a drifting machine moved the
+    # batch-1 ratios by 5-15%.
+    decode_repeats = args.decode_repeats or 2
     return {
         "tokens": {
             1: args.decode_tokens or (32 if args.quick else 1024),
             8: args.batch_decode_tokens or (32 if args.quick else 256),
         },
         # --quick: batch 1 only. Over its 32 new tokens a batch-8 run mostly timed its prefill (about 10 s a model on 2
-        # cores), and the KV-budget runs decode 4 to 10 rows anyway.
+        # cores), and the KV-budget runs decode 4 to 11 rows anyway.
         "batches": tuple(sorted(args.batches or ([1] if args.quick else [1, 8]))),
         "compiled": compiled,
         "fixed_eager": not args.quick,
         # A batch-8 prefill takes about 10 s a model on 2 cores.
         "attention_share_batches": (1,) if args.quick else (1, 8),
         "dynamic_cache_batches": (1,) if args.quick else (1, 8),
+        "decode_repeats": decode_repeats,
         # Timed generations of each KV-budget run (4 to 11 rows; with --quick, most of a run is its prefill).
-        "kv_budget_repeats": 1 if args.quick else args.decode_repeats or 2,
+        "kv_budget_repeats": 1 if args.quick else decode_repeats,
     }
 
 
@@ -811,8 +816,6 @@ def main() -> None:
         return
     new_tokens = args.new_tokens or ([32] if args.quick else [256, 1024])
     repeats = args.repeats or (1 if args.quick else 5)
-    # Two repeats in turn even with --quick: one run of each set-up after the other drifted by 10% on a shared machine.
-    decode_repeats = args.decode_repeats or 2
     plan = decode_plan(args)
     # The batch-1 decode-speed run of each model's default cache gives the KV bytes after its own length.
     kv_only_tokens = [count for count in new_tokens if 1 not in plan["batches"] or count != plan["tokens"][1]]
@@ -840,7 +843,7 @@ def main() -> None:
                     traces[name] = decode_trace(model, inputs, longest)
         if shape == "llava-1.5":
             print(f"decode speed (new tokens per batch: {plan['tokens']})", file=sys.stderr, flush=True)
-            speeds = measure_decode_speed(models, config, args.device, plan, decode_repeats)
+            speeds = measure_decode_speed(models, config, args.device, plan, plan["decode_repeats"])
             budget = (
                 {name: {} for name in models}
                 if args.no_kv_budget
