@@ -490,16 +490,17 @@ PROFILED_STEPS = 8
 def attention_share(model, inputs, tokens: int, device) -> float:
     """
     The fraction of a decode step's time spent in the attention kernels (`scaled_dot_product_attention`), the only
-    part of a text token's step that shrinks with the cache: over `PROFILED_STEPS` steps with the fixed-capacity cache
-    (dense: its StaticCache), eagerly, sized for `tokens` new tokens as in the timed runs, under `torch.profiler`. A
-    method that stored nothing at all would run at most `1 / (1 - share)` times as fast as dense.
+    part of a text token's step that shrinks with the cache: over the first `PROFILED_STEPS` steps (fewer if `tokens`
+    is smaller) with the fixed-capacity cache (dense: its StaticCache), eagerly, sized for `tokens` new tokens as in the
+    timed runs, under `torch.profiler`. A method that stored nothing at all would run at most `1 / (1 - share)` times
+    as fast as dense.
     """
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
     profiler = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
     settings = decode_settings(model, "static", inputs["input_ids"].shape[1] + tokens - 1, device)
-    _, steps = timed_generate(model, inputs, PROFILED_STEPS, device, profiler=profiler, **settings)
+    _, steps = timed_generate(model, inputs, min(PROFILED_STEPS, tokens), device, profiler=profiler, **settings)
     attention_us = sum(
         event.self_device_time_total if cuda else event.self_cpu_time_total
         for event in profiler.key_averages()
@@ -545,7 +546,7 @@ def measure_setups(models, runs: list[tuple[str, str]], inputs, tokens: int, rep
     return measured
 
 
-def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> dict:
+def measure_decode_speed(models, config, device, plan: dict) -> dict:
     """
     Decode tokens/s of every model in its set-ups (`plan["compiled"]`: the models compiled at each batch) at each
     batch, the KV-cache bytes per row they took (for the budget), and the sequences generated at batch 1.
@@ -568,7 +569,8 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
                 if setup == "static" and name != "dense" and not (plan["fixed_eager"] or compiled):
                     continue
                 runs.append((name, setup))
-        for (name, setup), (rate, output) in measure_setups(models, runs, inputs, tokens, repeats, device).items():
+        measured = measure_setups(models, runs, inputs, tokens, plan["decode_repeats"], device)
+        for (name, setup), (rate, output) in measured.items():
             cache = getattr(output, CACHE_NAME)
             results[name][f"decode_tps_b{batch}_{setup}"] = rate
             results[name][f"kv_bytes_per_row_b{batch}_{setup}"] = kv_bytes(cache) / batch
@@ -584,7 +586,7 @@ def measure_decode_speed(models, config, device, plan: dict, repeats: int) -> di
     return results
 
 
-def measure_kv_budget(models, config, device, plan: dict, speeds: dict, repeats: int) -> dict:
+def measure_kv_budget(models, config, device, plan: dict, speeds: dict) -> dict:
     """
     Throughput within a KV-cache budget, dense LLaVA's StaticCache of `BUDGET_BATCH` rows: the largest batch each
     model fits (its bytes per row as measured at the largest batch above, rows of different prompts; a method's
@@ -592,7 +594,7 @@ def measure_kv_budget(models, config, device, plan: dict, speeds: dict, repeats:
     For the fixed-capacity cache, whose size is known before decoding, the largest batch only.
     """
     widest = max(plan["batches"])
-    tokens = plan["tokens"][widest]
+    tokens, repeats = plan["tokens"][widest], plan["kv_budget_repeats"]
     budget = BUDGET_BATCH * speeds["dense"][f"kv_bytes_per_row_b{widest}_static"]
     results = {}
     for name, model in models.items():
@@ -817,6 +819,9 @@ def main() -> None:
     new_tokens = args.new_tokens or ([32] if args.quick else [256, 1024])
     repeats = args.repeats or (1 if args.quick else 5)
     plan = decode_plan(args)
+    if min(plan["tokens"].values()) < 2:
+        # The first new token comes from the prefill; a decode step is timed from the second on.
+        parser.error("--decode-tokens and --batch-decode-tokens must be at least 2")
     # The batch-1 decode-speed run of each model's default cache gives the KV bytes after its own length.
     kv_only_tokens = [count for count in new_tokens if 1 not in plan["batches"] or count != plan["tokens"][1]]
     longest = max(new_tokens)
@@ -843,11 +848,11 @@ def main() -> None:
                     traces[name] = decode_trace(model, inputs, longest)
         if shape == "llava-1.5":
             print(f"decode speed (new tokens per batch: {plan['tokens']})", file=sys.stderr, flush=True)
-            speeds = measure_decode_speed(models, config, args.device, plan, plan["decode_repeats"])
+            speeds = measure_decode_speed(models, config, args.device, plan)
             budget = (
                 {name: {} for name in models}
                 if args.no_kv_budget
-                else measure_kv_budget(models, config, args.device, plan, speeds, plan["kv_budget_repeats"])
+                else measure_kv_budget(models, config, args.device, plan, speeds)
             )
             for name, model in models.items():
                 sequence = speeds[name].pop("sequence", None)  # generated at batch 1

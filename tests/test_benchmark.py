@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import generated_cache
 from test_dynamic_llava_decode import text_sparse_model
 from test_dynamic_llava_prefill import inputs_for
@@ -42,3 +43,18 @@ def test_attention_share_is_a_fraction_of_the_decode_step(base_checkpoints):
     base_model = base_checkpoints[("llava", "hub")][1]
     share = benchmark.attention_share(base_model, inputs_for("llava"), tokens=TOKENS, device="cpu")
     assert 0 < share < 1
+
+
+def test_attention_share_profiles_no_more_steps_than_the_cache_holds(base_checkpoints):
+    """Fewer new tokens than the profiled steps: the fixed-capacity cache sized for them is not overrun."""
+    base_model = base_checkpoints[("llava", "hub")][1]
+    tokens = benchmark.PROFILED_STEPS // 2
+    share = benchmark.attention_share(base_model, inputs_for("llava"), tokens=tokens, device="cpu")
+    assert 0 < share < 1
+
+
+def test_decode_runs_of_fewer_than_two_tokens_are_refused(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--decode-only", "--decode-tokens", "1"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "--decode-tokens and --batch-decode-tokens must be at least 2" in capsys.readouterr().err
