@@ -22,8 +22,9 @@ Capacity comes in two modes:
 
 * growing (the default): a prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of
   `growth_block` slots. The host only learns how far the pointers got when the worst case (every token admitted since
-  the last look) could overflow the buffer, i.e. at most once every `growth_block` steps. A layer holds (and attention
-  reads) little more than what it stores, but the shapes change, so a compiled decode step would recompile.
+  the last look) could overflow the buffer, i.e. at most once every `growth_block` steps. A layer holds little more
+  than what it stores, and a decode step's attention reads its slots only up to that host-side bound on the pointers,
+  but the shapes change, so a compiled decode step would recompile.
 * fixed (`max_cache_len=N`, as transformers' `StaticCache`; `generate(..., cache_implementation="static")` makes one
   sized for the prompt and `max_new_tokens`): each layer's buffers are allocated once, at its first chunk, with room for
   `N` tokens of conversation: the slots that chunk stored plus one per token still to come, so a layer that dropped
@@ -114,6 +115,15 @@ class SparseCacheLayer(DynamicLayer):
     def capacity(self) -> int:
         return 0 if self.valid is None else self.valid.shape[-1]
 
+    @property
+    def decode_slots(self) -> int:
+        """
+        How many leading slots a single-token step reads (keys, values and mask): a fixed layer's whole buffer, so that
+        the step's shapes never change; a growing layer's slots up to the host-side bound on the pointers, plus the
+        new token's, so that attention does not read the unused end of the last `growth_block`.
+        """
+        return self.capacity if self.fixed else self.slot_bound + 1
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # Not `super()`: transformers 4.57's takes only `key_states`.
         self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
@@ -186,7 +196,7 @@ class SparseCacheLayer(DynamicLayer):
         """`[batch, slots]` bool: the physical 2-D attention mask for the chunk about to be written."""
         if self.single_token_step:
             # The slot at the pointer is free (unused, or holding a token that was not admitted): the new token sees it.
-            return self.valid.scatter(1, self.next_slot[:, None], chunk.valid)
+            return self.valid[:, : self.decode_slots].scatter(1, self.next_slot[:, None], chunk.valid)
         return torch.cat([self.valid[:, : self.slot_bound], chunk.valid], dim=-1)
 
     def update(
@@ -200,13 +210,14 @@ class SparseCacheLayer(DynamicLayer):
         else:
             self.cumulative_length += chunk.logical_length
         if self.single_token_step:
+            read = self.decode_slots
             advanced = write_token(
                 self.keys, self.values, self.valid, self.next_slot, key_states, value_states, admit[:, 0]
             )
             self.next_slot.copy_(advanced)
             if not self.fixed:
                 self.slot_bound += 1
-            return self.keys, self.values
+            return self.keys[..., :read, :], self.values[..., :read, :]
         start, end = self.slot_bound, self.slot_bound + key_states.shape[-2]
         self.keys[..., start:end, :] = key_states
         self.values[..., start:end, :] = value_states
@@ -230,12 +241,12 @@ class SparseCacheLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.single_token_step:
-            return self.capacity, 0
+            return self.decode_slots, 0
         return self.slot_bound + query_length, 0
 
     def query_offset(self) -> int:
         # A single token sees every slot its mask allows; a chunk starts right after the aligned pointers.
-        return self.capacity - 1 if self.single_token_step else self.slot_bound
+        return self.decode_slots - 1 if self.single_token_step else self.slot_bound
 
     def stored_tokens(self) -> torch.Tensor | None:
         return None if self.valid is None else self.valid.sum(-1)
