@@ -31,6 +31,14 @@ Capacity comes in two modes:
   tokens at prefill gets a smaller buffer. A decode step then has static shapes and no host synchronisation at all (the
   logical length is a tensor, as in `StaticLayer`), so `torch.compile(model.forward, fullgraph=True)` captures it as
   one graph that runs for every step, and CUDA graphs can replay it (the buffers are marked as static addresses).
+  A conversation longer than `max_cache_len` is refused with an error naming it wherever the host knows the length:
+  at a multi-token chunk, and in eager decode steps, which count on the host. A compiled decode step cannot check
+  (reading the length there would be a host synchronisation): writing past a layer's buffer then fails on the device
+  (an index error on the CPU, a device-side assert on CUDA). `generate()` checks the prompt plus `max_new_tokens`
+  before it starts, so its compiled steps never get there.
+
+A cache holds one conversation: a chunk with another number of rows than the cache holds is refused (`reset()` empties
+the cache for a new conversation), and `generate()` refuses a prompt that does not continue the conversation it holds.
 """
 
 from dataclasses import dataclass
@@ -50,6 +58,13 @@ class IncomingChunk:
     admit: torch.Tensor | None  # [batch, chunk] bool, or None to admit every valid slot
     logical_length: int  # number of input tokens the chunk stands for
     is_image: torch.Tensor | None = None  # [batch, chunk] bool: image tokens (None: the chunk has none)
+
+
+def check_token_count(name: str, value):
+    """`value` if it is None or a positive int (a number of tokens); otherwise a ValueError naming `name`."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive int (a number of tokens), got {value!r}")
+    return value
 
 
 def write_token(
@@ -100,6 +115,8 @@ class SparseCacheLayer(DynamicLayer):
         self.slot_bound = 0
         self.single_token_step = False
         self.holds_images = False  # whether a chunk with image tokens was stored (known on the host)
+        # Fixed layers: the logical length as the host last knew it (see `check_room`).
+        self.host_length = 0
 
     # --- storage ------------------------------------------------------------------------------------------------
 
@@ -144,6 +161,13 @@ class SparseCacheLayer(DynamicLayer):
     def prepare(self, chunk: IncomingChunk) -> None:
         """Get ready to receive a chunk: make room, and for multi-token chunks align the rows' write pointers."""
         batch_size, chunk_length = chunk.valid.shape
+        if self.valid is not None and batch_size != self.valid.shape[0]:  # shapes are known on the host: no sync
+            raise ValueError(
+                f"this SparseCache already holds a conversation of {self.valid.shape[0]} rows, and the input has "
+                f"{batch_size}: pass a new cache (model.new_cache()) or empty this one with cache.reset()"
+            )
+        if self.fixed:
+            self.check_room(chunk)
         if self.valid is None:
             device = chunk.valid.device
             self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
@@ -174,6 +198,29 @@ class SparseCacheLayer(DynamicLayer):
                 self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
                 self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
 
+    def check_room(self, chunk: IncomingChunk) -> None:
+        """
+        Refuse a chunk that would take a fixed layer's conversation past `max_cache_len`. The host reads the length
+        from the device at a multi-token chunk (which synchronises anyway) and counts eager decode steps itself; a
+        compiled decode step leaves the count alone and does not check (see the module docstring), so after compiled
+        steps the count lags until the next multi-token chunk.
+        """
+        if torch.compiler.is_compiling():
+            return
+        if chunk.valid.shape[1] > 1:
+            self.host_length = int(self.cumulative_length)
+        seen = self.host_length + chunk.logical_length
+        if seen > self.max_cache_len:
+            raise ValueError(self.overflow_message(seen))
+        self.host_length = seen
+
+    def overflow_message(self, seen: int) -> str:
+        return (
+            f"the SparseCache was made for max_cache_len={self.max_cache_len} tokens of conversation, and this "
+            f"chunk brings it to {seen}; make it with a larger max_cache_len (generate() sizes it as the prompt "
+            f"plus max_new_tokens)"
+        )
+
     def allocate_fixed(self, chunk: IncomingChunk) -> None:
         """
         Size a fixed layer's buffers at its first chunk: the slots the chunk takes, plus one per token of conversation
@@ -182,11 +229,7 @@ class SparseCacheLayer(DynamicLayer):
         """
         seen = int(self.cumulative_length) + chunk.logical_length
         if self.capacity or seen > self.max_cache_len:
-            raise ValueError(
-                f"the SparseCache was made for max_cache_len={self.max_cache_len} tokens of conversation, and this "
-                f"chunk brings it to {seen}; make it with a larger max_cache_len (generate() sizes it as the prompt "
-                f"plus max_new_tokens)"
-            )
+            raise ValueError(self.overflow_message(seen))
         capacity = chunk.valid.shape[1] + self.max_cache_len - seen
         self.valid = torch.zeros((chunk.valid.shape[0], capacity), dtype=torch.bool, device=chunk.valid.device)
         self.image = torch.zeros_like(self.valid)
@@ -281,6 +324,7 @@ class SparseCacheLayer(DynamicLayer):
         self.cumulative_length = 0 if self.max_cache_len is None else torch.zeros((), dtype=torch.long)
         self.slot_bound = 0
         self.holds_images = False
+        self.host_length = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -318,12 +362,23 @@ class SparseCache(Cache):
             if config is None:
                 raise ValueError("SparseCache needs `num_layers` or a `config`")
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        if max_cache_len is not None and max_cache_len < 1:
-            raise ValueError(f"max_cache_len must be a positive number of tokens, got {max_cache_len}")
+        check_token_count("max_cache_len", max_cache_len)
+        check_token_count("growth_block", growth_block)
         super().__init__(layers=[SparseCacheLayer(growth_block, max_cache_len) for _ in range(num_layers)])
         self._incoming: IncomingChunk | None = None
         # [layer, count, batch] running sums of the models' token counts (see `record`).
         self.token_stats: torch.Tensor | None = None
+        # The token ids of the conversation the cache holds, as far as `generate()` fed them (None: not known), so
+        # that a later `generate()` can tell a continuation from an unrelated prompt.
+        self.conversation_ids: torch.Tensor | None = None
+        # Whether the position-limit warning was given for this conversation (generate() may give it up front).
+        self.warned_position_limit = False
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the conversation the cache holds (None while empty)."""
+        valid = self.layers[0].valid
+        return None if valid is None else valid.shape[0]
 
     @property
     def max_cache_len(self) -> int | None:
@@ -403,22 +458,27 @@ class SparseCache(Cache):
             report.append({"stored": layer.stored_tokens().tolist(), **counts})
         return report
 
-    def _apply_to_stats(self, function) -> None:
+    def _apply_to_own_rows(self, function) -> None:
+        """Apply a batch operation (on dim 0) to the rows of the cache's own records, as the layers do to theirs."""
         if self.token_stats is not None:
             self.token_stats = function(self.token_stats.transpose(0, 2)).transpose(0, 2)
+        if self.conversation_ids is not None:
+            self.conversation_ids = function(self.conversation_ids)
 
     def reset(self) -> None:
         super().reset()
         self.token_stats = None
+        self.conversation_ids = None
+        self.warned_position_limit = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self._apply_to_stats(lambda stats: stats.index_select(0, beam_idx.to(stats.device)))
+        self._apply_to_own_rows(lambda stats: stats.index_select(0, beam_idx.to(stats.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self._apply_to_stats(lambda stats: stats.repeat_interleave(repeats, dim=0))
+        self._apply_to_own_rows(lambda stats: stats.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._apply_to_stats(lambda stats: stats[indices, ...])
+        self._apply_to_own_rows(lambda stats: stats[indices, ...])

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.utils import logging
 
-from .cache_sparse_llava import IncomingChunk, SparseCache
+from .cache_sparse_llava import IncomingChunk, SparseCache, check_token_count
 from .compat_transformers import (
     CACHE_NAME,
     attention_backend,
@@ -189,6 +189,13 @@ def scatter_slots(
     return padded.scatter(dim, index.expand(values.shape), values).narrow(dim, 0, length)
 
 
+def position_limit_message(position: int, max_positions: int) -> str:
+    return (
+        f"the input reaches position {position} (cache included), beyond the model's max_position_embeddings "
+        f"({max_positions}); outputs past that length are unreliable"
+    )
+
+
 def take_cache_argument(kwargs: dict):
     """Pop the cache from keyword arguments, passed as `cache` or as `past_key_values` (its name before 5.24)."""
     caches = [cache for cache in (kwargs.pop("cache", None), kwargs.pop("past_key_values", None)) if cache is not None]
@@ -323,7 +330,9 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         `StaticCache`: the prompt plus `max_new_tokens` (or `generation_config.max_cache_len`, if larger); its decode
         steps have static shapes, so `generate` compiles them where it compiles a `StaticCache` model's (on GPUs, or
         with a `compile_config`). Without it (or with `"dynamic"`), the cache grows as needed. A cache passed as
-        `cache` / `past_key_values` is used as it is.
+        `cache` / `past_key_values` is used as it is, after checks made on the host before generation starts: a fixed
+        one must have room for the prompt plus `max_new_tokens`, and one that holds a conversation must be given a
+        prompt that continues it (the sequences a `generate()` returned, plus the new turn).
         """
         self.check_generation_options(generation_config, kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -341,7 +350,10 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                 f"sparse-llava models support cache_implementation 'dynamic' (the default) or 'static', got "
                 f"{cache_implementation!r}"
             )
-        max_cache_len = max(kwargs.pop("max_cache_len", None) or 0, getattr(settings, "max_cache_len", None) or 0)
+        max_cache_len = max(
+            check_token_count("max_cache_len", kwargs.pop("max_cache_len", None)) or 0,
+            check_token_count("generation_config.max_cache_len", getattr(settings, "max_cache_len", None)) or 0,
+        )
         if settings.cache_implementation is not None or getattr(settings, "max_cache_len", None) is not None:
             # Ours is made here; transformers would otherwise make its own next to it.
             settings = copy.deepcopy(settings)
@@ -352,9 +364,19 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         if cache is None and use_cache is not False:
             fixed = cache_implementation == "static"
             cache = self.new_cache(self.fixed_cache_length(prompt, settings, kwargs, max_cache_len) if fixed else None)
-        if cache is not None:
-            kwargs[CACHE_NAME] = cache
-        return super().generate(inputs, generation_config, **kwargs)
+        if cache is None:
+            return super().generate(inputs, generation_config, **kwargs)
+        if prompt is not None:
+            self.check_cache_for_generation(cache, prompt, self.conversation_length(prompt, settings, kwargs))
+        kwargs[CACHE_NAME] = cache
+        output = super().generate(inputs, generation_config, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        # What the cache now holds: the prompt and the generated tokens but the last (never fed back). Known only when
+        # the sequences start with the prompt's ids, one row per cache row (not after beam search's reordering).
+        fed = int(cache.get_seq_length())
+        known = prompt is not None and prompt.dim() == 2 and tuple(sequences.shape[:1]) == (cache.batch_size,)
+        cache.conversation_ids = sequences[:, :fed] if known and sequences.shape[1] >= fed else None
+        return output
 
     def check_generation_options(self, generation_config, generate_kwargs: dict) -> None:
         """Refuse the generation modes a [`SparseCache`] cannot serve, before generate() fails somewhere inside."""
@@ -367,21 +389,61 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                     "after tokens are dropped or not admitted, the last logical tokens map to no fixed set of slots."
                 )
 
-    @staticmethod
-    def fixed_cache_length(prompt, settings, kwargs, max_cache_len: int) -> int:
+    @classmethod
+    def fixed_cache_length(cls, prompt, settings, kwargs, max_cache_len: int) -> int:
         """
         The capacity of a `generate(..., cache_implementation="static")` call's cache, in tokens of conversation: as
-        transformers sizes a `StaticCache`, the prompt and the new tokens but the last (never fed back), or
-        `max_cache_len` if larger (one size for calls of different lengths, so that a compiled step is reused).
+        transformers sizes a `StaticCache`, what the call feeds the model, or `max_cache_len` if larger (one size for
+        calls of different lengths, so that a compiled step is reused).
         """
         if prompt is None:
             raise ValueError('cache_implementation="static" needs the prompt (input_ids or inputs_embeds)')
+        return max(cls.conversation_length(prompt, settings, kwargs), max_cache_len)
+
+    @staticmethod
+    def conversation_length(prompt, settings, kwargs) -> int:
+        """Tokens a `generate()` call feeds the model at most: the prompt and the new tokens but the last."""
         max_new_tokens = kwargs.get("max_new_tokens", settings.max_new_tokens)
         if max_new_tokens is not None:
-            length = prompt.shape[1] + max_new_tokens
-        else:
-            length = kwargs.get("max_length", settings.max_length)
-        return max(length - 1, max_cache_len)
+            return prompt.shape[1] + max_new_tokens - 1
+        return kwargs.get("max_length", settings.max_length) - 1
+
+    def check_cache_for_generation(self, cache: SparseCache, prompt: torch.Tensor, length: int) -> None:
+        """
+        Before `generate()` starts, on the host (its compiled decode steps cannot check): a fixed cache has room for
+        `length` tokens of conversation; a cache that holds a conversation gets a prompt that continues it; and for a
+        fixed cache, whose decode steps do not read their position on the host, the warning about positions past
+        `max_position_embeddings` is given up front (a growing cache's steps give it when they cross the limit).
+        """
+        if cache.max_cache_len is not None and length > cache.max_cache_len:
+            raise ValueError(
+                f"generate() feeds up to {length} tokens of conversation here (the prompt's {prompt.shape[1]} and the "
+                f"new tokens but the last), and the SparseCache was made with max_cache_len={cache.max_cache_len}: "
+                f"make it with model.new_cache(max_cache_len={length}) or more, or ask for fewer new tokens"
+            )
+        held = int(cache.get_seq_length())
+        if held:
+            rows, width = prompt.shape[:2]
+            if rows != cache.batch_size:
+                problem = f"of {cache.batch_size} rows, and the prompt has {rows}"
+            elif width <= held:
+                problem = f"of {held} tokens, and the prompt ({width} tokens) does not extend it"
+            elif cache.conversation_ids is not None and prompt.dim() == 2 and not torch.equal(
+                prompt[:, :held], cache.conversation_ids.to(prompt.device)
+            ):
+                problem = f"of {held} tokens, and the prompt's first {held} tokens are not that conversation"
+            else:
+                problem = None
+            if problem is not None:
+                raise ValueError(
+                    f"this SparseCache already holds a conversation {problem}: pass a new cache (model.new_cache()) "
+                    "or empty it with cache.reset() for a new conversation; to continue it, pass the sequences "
+                    "generate() returned with the new turn appended"
+                )
+        max_positions = self.config.get_text_config().max_position_embeddings
+        if cache.max_cache_len is not None and length > max_positions and not cache.warned_position_limit:
+            cache.warned_position_limit = True
+            warnings.warn(position_limit_message(length, max_positions), stacklevel=3)
 
     @staticmethod
     def create_masks_for_generate(attention_mask=None, **kwargs):
@@ -599,13 +661,13 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
             past_seen = int(past_seen)
         on_host = not isinstance(past_seen, torch.Tensor)
         max_positions = self.config.get_text_config().max_position_embeddings
-        # Warned once per conversation, when it crosses the limit (not checked in fixed-cache decode steps: no host read).
-        if on_host and past_seen <= max_positions < past_seen + seq_len:
-            warnings.warn(
-                f"the input reaches position {past_seen + seq_len} (cache included), beyond the model's "
-                f"max_position_embeddings ({max_positions}); outputs past that length are unreliable",
-                stacklevel=2,
-            )
+        # Warned once per conversation, when it crosses the limit (not checked in fixed-cache decode steps: no host
+        # read; generate() warns for those up front).
+        already_warned = cache is not None and cache.warned_position_limit
+        if on_host and past_seen <= max_positions < past_seen + seq_len and not already_warned:
+            if cache is not None:
+                cache.warned_position_limit = True
+            warnings.warn(position_limit_message(past_seen + seq_len, max_positions), stacklevel=2)
         if position_ids is None:
             # As transformers' LlamaModel: consecutive positions after what the cache has seen.
             position_ids = (torch.arange(seq_len, device=device) + past_seen).unsqueeze(0)

@@ -124,6 +124,81 @@ def test_a_fixed_cache_that_is_too_small_fails_clearly(converted):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="offloaded")
 
 
+def test_generate_checks_a_fixed_caches_room_before_it_starts(converted):
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+    width = inputs["input_ids"].shape[1]
+    cache = model.new_cache(max_cache_len=width + NEW_TOKENS - 2)  # one token short
+    with pytest.raises(ValueError, match=f"max_cache_len={width + NEW_TOKENS - 2}.*max_cache_len={width + NEW_TOKENS - 1}"):
+        greedy(model, inputs, cache=cache)
+    assert cache.batch_size is None  # refused before the prefill wrote anything
+
+
+def test_a_hand_written_decode_loop_past_max_cache_len_fails_naming_it(sparse_model):
+    """Eager decode steps count on the host: the step that would overflow is refused before it writes anything."""
+    inputs = inputs_for("llava")
+    width = inputs["input_ids"].shape[1]
+    cache = sparse_model.new_cache(max_cache_len=width + 2)
+    with pytest.raises(ValueError, match=f"max_cache_len={width + 2}.*brings it to {width + 3}"):
+        decode(sparse_model, sparse_model, inputs, cache, steps=3)
+    assert int(cache.get_seq_length()) == width + 2  # the two steps that fit ran; the third wrote nothing
+
+
+@pytest.mark.parametrize("bad", [12.5, "64", True, 0, -3])
+def test_max_cache_len_must_be_a_positive_int(converted, bad):
+    model = text_sparse_model(converted, "llava")
+    with pytest.raises(ValueError, match=f"max_cache_len must be a positive int .*got {bad!r}"):
+        model.new_cache(max_cache_len=bad)
+    with pytest.raises(ValueError, match="max_cache_len must be a positive int"):
+        greedy(model, inputs_for("llava"), cache_implementation="static", max_cache_len=bad)
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 64], ids=["growing", "fixed"])
+def test_a_filled_cache_refuses_another_conversation(converted, max_cache_len):
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+    cache = model.new_cache(max_cache_len=max_cache_len)
+    first = greedy(model, inputs, cache=cache).sequences
+    held = int(cache.get_seq_length())
+    # Another prompt of the same shape, followed by the first one's answer: longer than what the cache holds.
+    other, answer = inputs_for("llava", seed=1), first[:, inputs["input_ids"].shape[1] :]
+    unrelated = {**other, "input_ids": torch.cat([other["input_ids"], answer], 1)}
+    unrelated["attention_mask"] = torch.cat([other["attention_mask"], torch.ones_like(answer)], 1)
+    assert unrelated["input_ids"].shape[1] > held
+    with pytest.raises(ValueError, match="already holds a conversation.*are not that conversation"):
+        greedy(model, unrelated, cache=cache)
+    with pytest.raises(ValueError, match="already holds a conversation of 2 rows, and the prompt has 1"):
+        greedy(model, {name: value[:1] for name, value in inputs.items()}, cache=cache)
+    with pytest.raises(ValueError, match="already holds a conversation of 2 rows, and the input has 1"):
+        model(**{name: value[:1] for name, value in inputs.items()}, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="does not extend it"):
+        greedy(model, inputs, cache=cache)
+    assert int(cache.get_seq_length()) == held  # nothing was written by the refused calls
+    # The sequences generate() returned, with a new turn appended, continue the conversation; so does a new one
+    # after reset().
+    turn = torch.arange(4, 9).repeat(2, 1)
+    continued = torch.cat([first, turn], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(continued[:, inputs["input_ids"].shape[1] :])], 1)
+    model.generate(input_ids=continued, attention_mask=mask, cache=cache, max_new_tokens=2, do_sample=False)
+    cache.reset()
+    assert torch.equal(greedy(model, unrelated, cache=cache).sequences, greedy(model, unrelated).sequences)
+
+
+def test_generating_past_max_position_embeddings_warns_with_a_fixed_cache(converted):
+    model = text_sparse_model(converted, "llava")
+    inputs = inputs_for("llava")
+    text_config = model.config.get_text_config()
+    limit = text_config.max_position_embeddings
+    text_config.max_position_embeddings = inputs["input_ids"].shape[1] + 2
+    try:
+        for settings in ({"cache_implementation": "static"}, {}):
+            with pytest.warns(UserWarning, match="beyond the model's max_position_embeddings") as record:
+                greedy(model, inputs, **settings)
+            assert sum("max_position_embeddings" in str(warning.message) for warning in record) == 1  # once
+    finally:
+        text_config.max_position_embeddings = limit
+
+
 def test_generate_feeds_fixed_cache_steps_static_shapes(converted):
     """generate() hands a fixed cache's decode steps `[batch, 1]` inputs (no growing mask), as a compiled step needs."""
     model = text_sparse_model(converted, "llava")
