@@ -428,8 +428,10 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                 problem = f"of {cache.batch_size} rows, and the prompt has {rows}"
             elif width <= held:
                 problem = f"of {held} tokens, and the prompt ({width} tokens) does not extend it"
-            elif cache.conversation_ids is not None and prompt.dim() == 2 and not torch.equal(
-                prompt[:, :held], cache.conversation_ids.to(prompt.device)
+            elif (
+                cache.conversation_ids is not None
+                and prompt.dim() == 2
+                and not torch.equal(prompt[:, :held], cache.conversation_ids.to(prompt.device))
             ):
                 problem = f"of {held} tokens, and the prompt's first {held} tokens are not that conversation"
             else:

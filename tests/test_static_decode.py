@@ -129,7 +129,9 @@ def test_generate_checks_a_fixed_caches_room_before_it_starts(converted):
     inputs = inputs_for("llava")
     width = inputs["input_ids"].shape[1]
     cache = model.new_cache(max_cache_len=width + NEW_TOKENS - 2)  # one token short
-    with pytest.raises(ValueError, match=f"max_cache_len={width + NEW_TOKENS - 2}.*max_cache_len={width + NEW_TOKENS - 1}"):
+    with pytest.raises(
+        ValueError, match=f"max_cache_len={width + NEW_TOKENS - 2}.*max_cache_len={width + NEW_TOKENS - 1}"
+    ):
         greedy(model, inputs, cache=cache)
     assert cache.batch_size is None  # refused before the prefill wrote anything
 
