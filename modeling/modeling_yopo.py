@@ -19,6 +19,7 @@ Attention in the YOPO layers runs through `torch.nn.functional.scaled_dot_produc
 queries over every slot, vision queries per window tile), whatever `attn_implementation` says.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -114,10 +115,31 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return states * cos.unsqueeze(1) + rotate_half(states) * sin.unsqueeze(1)
 
 
+def weights_loaded(module: torch.nn.Module):
+    """
+    A context in which `module`'s own weights hold their values, for using them outside its forward. accelerate's
+    offloading (a `device_map` putting the module on "cpu" or "disk") leaves placeholders on the meta device and loads
+    the weights only around the module's forward; its `align_module_device` loads them for a block. A module without
+    accelerate's hook (`_hf_hook`, where accelerate attaches it) holds its weights already: nothing is imported or done.
+    """
+    if not hasattr(module, "_hf_hook"):
+        return nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
 def linear_rows(linear: torch.nn.Linear, hidden: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
     """`linear` restricted to some output features."""
-    bias = None if linear.bias is None else linear.bias[rows]
-    return F.linear(hidden, linear.weight[rows], bias)
+    with weights_loaded(linear):
+        bias = None if linear.bias is None else linear.bias[rows]
+        return F.linear(hidden, linear.weight[rows], bias)
+
+
+def linear_columns(linear: torch.nn.Linear, hidden: torch.Tensor, columns: slice | torch.Tensor) -> torch.Tensor:
+    """`linear` restricted to some input features (`hidden` holds only those)."""
+    with weights_loaded(linear):
+        return F.linear(hidden, linear.weight[:, columns], linear.bias)
 
 
 class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
@@ -407,10 +429,10 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
                 vision_value[:, kv_of_query],
                 plan,
             )
-            bias = attention.o_proj.bias
-            vision_hidden = vision_hidden + F.linear(vision_output, attention.o_proj.weight[:, rows], bias)
+            vision_hidden = vision_hidden + linear_columns(attention.o_proj, vision_output, rows)
         elif attention.o_proj.bias is not None:
-            vision_hidden = vision_hidden + attention.o_proj.bias
+            with weights_loaded(attention.o_proj):
+                vision_hidden = vision_hidden + attention.o_proj.bias
         vision_hidden = vision_hidden + self.narrow_ffn(
             decoder_layer.mlp, decoder_layer.post_attention_layernorm(vision_hidden), plan.ffn_neurons
         )
@@ -507,7 +529,7 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             return mlp(hidden)
         gate = linear_rows(mlp.gate_proj, hidden, slice(0, neurons))
         up = linear_rows(mlp.up_proj, hidden, slice(0, neurons))
-        return F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight[:, :neurons], mlp.down_proj.bias)
+        return linear_columns(mlp.down_proj, mlp.act_fn(gate) * up, slice(0, neurons))
 
     @staticmethod
     def heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
