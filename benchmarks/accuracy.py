@@ -9,8 +9,9 @@
     {"image": "images/0.jpg", "question": "What color is the bus?", "answers": ["red", "red", "dark red", ...]}
 
 `image` (or `images`, a list) is a path relative to the data file, or absolute; `answers` (the annotators' answers,
-as in VQAv2) or `answer` (one reference) is optional. Each model answers every question greedily, with the prompt its
-chat template makes of the images and the question. The table has, per model:
+as in VQAv2, or one string) or `answer` (one reference) is optional. The samples are read and checked (each line a
+JSON object with a `question` string, every image readable) before any model loads. Each model answers every question
+greedily, with the prompt its chat template makes of the images and the question. The table has, per model:
 
 * agreement with the dense base's answers: exact match and token F1 (the dense row agrees with itself);
 * accuracy against the references, where the data has them: VQA accuracy (the VQAv2 rule: min(1, matching
@@ -43,29 +44,90 @@ from sparse_llava.evaluation import (  # noqa: E402
 
 
 def read_samples(path: Path, limit: int | None = None) -> list[dict]:
-    """The samples of a JSON-lines data file, with image paths resolved and `references` (a list, maybe empty)."""
+    """
+    The first `limit` (default: all) samples of a JSON-lines data file, each with its image paths resolved and
+    `references` (a list, maybe empty). A problem with the file or a sample exits with one line naming the file, the
+    line and the problem.
+    """
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(data_lines(path), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"{path}:{number}: not JSON ({error.msg})") from None
-        if "question" not in record:
-            raise SystemExit(f"{path}:{number}: a sample needs a 'question'")
-        images = record.get("images", [record["image"]] if "image" in record else [])
-        images = [Path(image) if Path(image).is_absolute() else path.parent / image for image in images]
-        missing = [str(image) for image in images if not image.is_file()]
-        if missing:
-            raise SystemExit(f"{path}:{number}: image not found: {', '.join(missing)}")
-        references = record.get("answers", [record["answer"]] if "answer" in record else [])
-        samples.append({"question": record["question"], "images": images, "references": list(references)})
+            samples.append(parse_sample(line, path.parent))
+        except ValueError as problem:
+            raise SystemExit(f"{path}:{number}: {problem}") from None
         if limit is not None and len(samples) == limit:
             break
     if not samples:
         raise SystemExit(f"{path}: no samples")
     return samples
+
+
+def data_lines(path: Path) -> list[str]:
+    """The lines of the data file (UTF-8, with or without a byte-order mark)."""
+    if path.is_dir():
+        raise SystemExit(f"{path}: is a folder; --data takes a JSON-lines file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SystemExit(f"{path}: cannot read the data file ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SystemExit(f"{path}:{line}: not UTF-8 text; save the data file as UTF-8") from None
+    # JSON lines end at "\n" only (str.splitlines would also split at characters a JSON string may hold).
+    return text.split("\n")
+
+
+def parse_sample(line: str, folder: Path) -> dict:
+    """One sample from its JSON line; a ValueError says what is wrong with it. Image paths are relative to `folder`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a sample must be a JSON object {{...}}, got {line.strip()[:40]}")
+    if not isinstance(record.get("question"), str):
+        raise ValueError("a sample needs a 'question' string")
+    if "images" in record:
+        images = record["images"]
+        if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+            raise ValueError("'images' must be a list of image paths (strings)")
+    elif "image" in record:
+        if not isinstance(record["image"], str):
+            raise ValueError("'image' must be an image path (a string)")
+        images = [record["image"]]
+    else:
+        images = []
+    images = [folder / image for image in images]  # an absolute path stays as it is
+    for image in images:
+        check_image(image)
+    if "answers" in record:
+        references = record["answers"]
+        if isinstance(references, str):
+            references = [references]
+        elif not isinstance(references, list) or not all(isinstance(answer, str) for answer in references):
+            raise ValueError("'answers' must be a string or a list of strings")
+    elif "answer" in record:
+        if not isinstance(record["answer"], str):
+            raise ValueError("'answer' must be a string")
+        references = [record["answer"]]
+    else:
+        references = []
+    return {"question": record["question"], "images": images, "references": references}
+
+
+def check_image(path: Path) -> None:
+    """A ValueError unless `path` is a file PIL reads as an image (its structure checked, its pixels not decoded)."""
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for a broken file
+        raise ValueError(f"not a readable image: {path} ({error})") from None
 
 
 def answer_all(checkpoint: str, samples: list[dict], args) -> dict:
@@ -176,22 +238,31 @@ def plot(rows: dict, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def positive_integer(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="the dense llava-hf checkpoint (folder or Hub id)")
     parser.add_argument("--variants", nargs="+", required=True, help="sparse-llava folders or Hub ids")
     parser.add_argument("--data", required=True, type=Path, help="JSON-lines samples (see above)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=positive_integer, default=None, help="only the first N samples")
+    parser.add_argument("--batch-size", type=positive_integer, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_integer, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no-flops", action="store_true", help="skip counting prefill FLOPs (one extra forward each)")
     parser.add_argument("--json", default=None, help="write every answer, score and cost here")
     parser.add_argument("--plot", default=None, help="draw accuracy against prefill FLOPs here (PNG)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     if args.base in args.variants:
         parser.error("--base is also among --variants")
     samples = read_samples(args.data, args.limit)

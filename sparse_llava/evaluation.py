@@ -117,22 +117,30 @@ def load_for_evaluation(
     """
     import sparse_llava
 
+    model_dtype = torch_dtype(dtype)
     if not trust_remote_code:
         sparse_llava.register_auto_classes()
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, (str, torch.dtype)):
-        raise ValueError(f"unknown dtype {dtype!r}: use 'auto' or a torch dtype name such as 'float32', 'bfloat16'")
     model = AutoModelForImageTextToText.from_pretrained(
         pretrained,
         revision=revision,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
-        **dtype_argument(torch_dtype),
+        **dtype_argument(model_dtype),
     )
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def torch_dtype(dtype: str) -> str | torch.dtype:
+    """`dtype` as `from_pretrained` takes it: `"auto"`, or the torch dtype of that name (`"bfloat16"`)."""
+    if dtype == "auto":
+        return dtype
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto' or a torch dtype name such as 'float32', 'bfloat16'")
+    return resolved
 
 
 def user_turn_prompt(processor, text: str, num_images: int) -> str:

@@ -11,9 +11,13 @@ Model arguments (`--model_args key=value,...`):
   `float32`, `bfloat16`, ...), `attn_implementation`;
 * `batch_size` (lmms-eval's `--batch_size`): requests of one task with the same generation settings are batched,
   left-padded;
-* `trust_remote_code`: run the code a sparse-llava checkpoint carries instead of this installed package's;
+* `trust_remote_code` (default false): run the code a sparse-llava checkpoint carries instead of this installed
+  package's;
 * `max_new_tokens` (default 128): when a task's `generation_kwargs` set none;
 * `measure_flops` (default true): count each sample's prefill FLOPs (one extra forward of its prompt).
+
+Every argument is checked before the model loads. Booleans are `true`/`false`, `1`/`0` or `yes`/`no` in any case;
+anything else is refused rather than guessed (`trust_remote_code=off` must not run a checkpoint's code).
 
 Prompts go through the checkpoint's chat template, one user turn holding the sample's images and `doc_to_text`.
 `generate_until` stops at the end-of-sequence token or `max_new_tokens` and cuts the answer at the task's `until`
@@ -36,10 +40,11 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-from .evaluation import SampleCost, generate_with_cost, load_for_evaluation, user_turn_prompt
+from .evaluation import SampleCost, generate_with_cost, load_for_evaluation, torch_dtype, user_turn_prompt
 from .lmms_eval_entry_point import MODEL_NAME
 
 GENERATION_SETTINGS = {"until", "max_new_tokens", "temperature", "top_p", "do_sample", "num_beams"}
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class SparseLlavaLmms(lmms):
@@ -66,20 +71,22 @@ class SparseLlavaLmms(lmms):
             raise ValueError(f"unknown --model_args for {MODEL_NAME}: {', '.join(sorted(unknown))}")
         if str(batch_size).startswith("auto"):
             raise ValueError(f"{MODEL_NAME} takes a fixed --batch_size, not {batch_size!r}")
-        self.batch_size_per_gpu = int(batch_size)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # Every argument is checked before the (slow) model load.
+        self.batch_size_per_gpu = _positive_integer("batch_size", batch_size)
+        self.default_max_new_tokens = _positive_integer("max_new_tokens", max_new_tokens)
+        self.measure_flops = _boolean("measure_flops", measure_flops)
+        trust_remote_code = _boolean("trust_remote_code", trust_remote_code)
+        device = _device(device)
+        torch_dtype(dtype)
+        self.pretrained = str(pretrained)
         self.model, self.processor = load_for_evaluation(
-            str(pretrained),
+            self.pretrained,
             revision=revision,
-            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=device,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
-        self.pretrained = str(pretrained)
-        self.default_max_new_tokens = int(max_new_tokens)
-        self.measure_flops = bool(measure_flops)
 
     @property
     def batch_size(self) -> int:
@@ -182,6 +189,43 @@ class SparseLlavaLmms(lmms):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _boolean(name: str, value) -> bool:
+    """
+    A boolean model argument: a bool (lmms-eval turns `true`/`false` into one), 1 or 0 (it turns those into ints),
+    or one of `BOOLEAN_WORDS` in any case. Anything else is an error, not a guess.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, int)) and str(value).lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[str(value).lower()]
+    raise ValueError(f"{name} must be true or false (or 1/0, yes/no), got {value!r}")
+
+
+def _positive_integer(name: str, value) -> int:
+    """An integer model argument of at least 1: an int (lmms-eval turns digits into one) or a string of digits."""
+    is_integer = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_integer or (isinstance(value, str) and value.isdecimal())) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _device(device) -> str:
+    """The `device` argument as a torch device string, refused here if this machine does not have it."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):  # what torch raises for anything that does not name a device
+        raise ValueError(f"device must name a torch device such as cpu, cuda or cuda:0, got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: this machine has no CUDA device; use device=cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device={device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return str(parsed)
 
 
 def _batches(requests: list[Instance], size: int, key) -> list[list[int]]:

@@ -19,6 +19,7 @@ pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
+from sparse_llava import lmms_eval_plugin  # noqa: E402
 from sparse_llava.lmms_eval_plugin import SparseLlavaLmms  # noqa: E402
 
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -118,6 +119,85 @@ def test_entry_point_registers_the_plugin():
 def test_unknown_model_args_are_refused(converted):
     with pytest.raises(ValueError, match="unknown --model_args for sparse_llava: keep_ratio"):
         SparseLlavaLmms(pretrained=str(converted("llava")), keep_ratio=0.5)
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[dict]:
+    """What each `SparseLlavaLmms` asks `load_for_evaluation` for; no model is loaded."""
+    calls = []
+
+    def record(pretrained, **settings):
+        calls.append({"pretrained": pretrained, **settings})
+        return object(), object()
+
+    monkeypatch.setattr(lmms_eval_plugin, "load_for_evaluation", record)
+    return calls
+
+
+def test_model_args_as_lmms_eval_passes_them(loads):
+    """Through lmms-eval's own parsing of `--model_args` (it turns true/false into bools and digits into ints)."""
+    for written, meant in [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True)] + [
+        ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False)
+    ]:  # fmt: skip
+        plugin = SparseLlavaLmms.create_from_arg_string(
+            f"pretrained=folder,trust_remote_code={written},measure_flops={written}"
+        )
+        assert loads[-1]["trust_remote_code"] is meant, written
+        assert plugin.measure_flops is meant, written
+    loads.clear()
+    plugin = SparseLlavaLmms.create_from_arg_string(
+        "pretrained=folder,max_new_tokens=7,dtype=float32", {"batch_size": "3", "device": "cpu"}
+    )
+    assert (plugin.batch_size, plugin.default_max_new_tokens, plugin.measure_flops) == (3, 7, True)
+    assert loads == [
+        {
+            "pretrained": "folder",
+            "revision": None,
+            "device": "cpu",
+            "dtype": "float32",
+            "trust_remote_code": False,
+            "attn_implementation": None,
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ("trust_remote_code=off", "trust_remote_code must be true or false (or 1/0, yes/no), got 'off'"),
+        ("trust_remote_code=2", "trust_remote_code must be true or false (or 1/0, yes/no), got 2"),
+        ("measure_flops=maybe", "measure_flops must be true or false (or 1/0, yes/no), got 'maybe'"),
+        ("max_new_tokens=many", "max_new_tokens must be a positive integer, got 'many'"),
+        ("max_new_tokens=0", "max_new_tokens must be a positive integer, got 0"),
+        ("max_new_tokens=-3", "max_new_tokens must be a positive integer, got -3.0"),
+        ("max_new_tokens=2.5", "max_new_tokens must be a positive integer, got 2.5"),
+        ("batch_size=two", "batch_size must be a positive integer, got 'two'"),
+        ("batch_size=0", "batch_size must be a positive integer, got 0"),
+        ("dtype=float33", "unknown dtype 'float33': use 'auto' or a torch dtype name such as 'float32', 'bfloat16'"),
+        ("device=gpu", "device must name a torch device such as cpu, cuda or cuda:0, got 'gpu'"),
+    ],
+)
+def test_bad_model_args_are_refused_before_loading(model_args, message, loads):
+    with pytest.raises(ValueError) as refusal:
+        SparseLlavaLmms.create_from_arg_string(f"pretrained=folder,{model_args}")
+    assert str(refusal.value) == message
+    assert loads == []
+
+
+def test_cuda_device_must_exist(monkeypatch, loads):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as refusal:
+        SparseLlavaLmms.create_from_arg_string("pretrained=folder", {"device": "cuda"})
+    assert str(refusal.value) == "device=cuda: this machine has no CUDA device; use device=cpu"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError) as refusal:
+        SparseLlavaLmms(pretrained="folder", device="cuda:2")
+    assert str(refusal.value) == "device=cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+    assert loads == []
+    SparseLlavaLmms(pretrained="folder", device="cuda:1")
+    assert loads[-1]["device"] == "cuda:1"
 
 
 def make_requests(kind, arguments) -> list[Instance]:
