@@ -5,13 +5,27 @@
 The folder is checked first (a converted model: config with an `auto_map` naming its own code files, never another
 repo's; weights in shards of at most 5 GB; only regular files, no symbolic links); `--dry-run` lists what would be
 uploaded and touches nothing. The upload is one commit made with huggingface_hub (`create_repo`, then `create_commit`
-of exactly the listed files). It includes `sparse_llava_upload.json`, the list of what it uploaded: a re-push deletes
-the files of that list it no longer sends, and nothing else in the repo.
+of exactly the listed files).
+
+Deleting what an earlier push left behind: the commit includes `sparse_llava_upload.json`, the manifest of what it
+uploaded: a format marker (`format`, `format_version`) and, for each file, the sha256 of its content and its git blob
+id (sha1 of `b"blob <size>\\0" + content`). A re-push deletes a file that it no longer sends only when it can show that
+an earlier push of this tool uploaded it, that is when all of these hold:
+- the manifest carries this tool's marker and well-formed entries (else it is not this tool's: nothing is deleted,
+  and this push's manifest replaces it);
+- the path is one a push can upload: relative, normalised, inside the folder, with no hidden component, no
+  `__pycache__`, not the manifest itself (else that entry is ignored);
+- the file's current content on the Hub is what the manifest recorded (`get_paths_info`: the LFS sha256 for an LFS
+  file, the git blob id for a regular one); a file changed since by anyone else is kept.
+The manifest and the files are read at one commit of the branch, and the push's commit is made on top of that commit
+only (`parent_commit`), so nothing changed in between is deleted. Whatever a push leaves in place it says, with why.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -19,6 +33,7 @@ from pathlib import Path
 MAX_SHARD_BYTES = 5 * 1000**3  # transformers' "5GB"
 # Written with every push: what it uploaded, so that the next push deletes exactly what it no longer sends.
 MANIFEST = "sparse_llava_upload.json"
+MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION = "sparse-llava upload manifest", 2
 # Files whose `auto_map` names code that transformers loads (from the folder, or from another repo if it says so).
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 # Remote files a push without an earlier manifest reports (and leaves in place) when it does not replace them.
@@ -144,22 +159,32 @@ def push(
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         remote = set(api.list_repo_files(repo_id, revision=revision))
-        previous = _previous_upload(api, repo_id, revision) if MANIFEST in remote else None
-        if previous is None:
-            # Not pushed by this tool before (or by one without a manifest): leave the repo's files alone, but say
-            # which ones may be stale, e.g. a single-file checkpoint beside new shards.
+        # The manifest, and the files it lists, are read at one commit; the push commits on top of that one only.
+        head = api.repo_info(repo_id, revision=revision).sha if MANIFEST in remote else None
+        earlier = _earlier_upload(api, repo_id, head, report) if head else None
+        if earlier is None:
+            # Not pushed by this tool before (or not verifiably): leave the repo's files alone, but say which ones may
+            # be stale, e.g. a single-file checkpoint beside new shards.
             untouched = sorted(
                 name for name in remote - set(uploaded) if "/" not in name and name.endswith(WEIGHT_AND_CODE_SUFFIXES)
             )
             if untouched:
                 report(f"note: {repo_id} also holds {', '.join(untouched)}, which this push leaves in place")
-            previous = set()
-        stale = sorted((previous & remote) - set(uploaded) - {MANIFEST})
-        manifest = json.dumps({"uploaded_by": "sparse-llava push_to_hub", "files": uploaded}, indent=2) + "\n"
+            earlier = {}
+        no_longer_sent = {name: ids for name, ids in earlier.items() if name not in uploaded}
+        stale = _unchanged_on_the_hub(api, repo_id, head, no_longer_sent, report)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "uploaded_by": "sparse-llava push_to_hub",
+            "files": {name: _content_ids(folder / name) for name in uploaded},
+        }
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in uploaded]
-        operations.append(CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=manifest.encode()))
+        operations.append(CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=_json_bytes(manifest)))
         operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
-        api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision)
+        api.create_commit(
+            repo_id, operations=operations, commit_message=commit_message, revision=revision, parent_commit=head
+        )
     except PushError:
         raise
     except Exception as error:  # HTTP errors, no network, no token, offline mode: the Hub's own message, in one line
@@ -172,20 +197,99 @@ def push(
     return files
 
 
-def _previous_upload(api, repo_id: str, revision: str | None) -> set[str]:
-    """The files the manifest of an earlier push lists (only plain relative paths are trusted)."""
-    path = api.hf_hub_download(repo_id, MANIFEST, revision=revision)
+def _content_ids(path: Path) -> dict[str, str]:
+    """What the Hub reports of a file's content: its sha256 (for an LFS file) and its git blob id (for a regular one)."""
+    sha256 = hashlib.sha256()
+    git_blob = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            sha256.update(chunk)
+            git_blob.update(chunk)
+    return {"sha256": sha256.hexdigest(), "git_blob": git_blob.hexdigest()}
+
+
+def _json_bytes(fields: dict) -> bytes:
+    return (json.dumps(fields, indent=2) + "\n").encode()
+
+
+def _earlier_upload(api, repo_id: str, head: str, report) -> dict[str, dict] | None:
+    """
+    The files the manifest at commit `head` says this tool uploaded (path -> content ids), keeping only paths a push
+    can upload; None, said in a note, when the manifest is not one this tool wrote.
+    """
+    manifest_file = api.hf_hub_download(repo_id, MANIFEST, revision=head)
     try:
-        names = json.loads(Path(path).read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        raise PushError(f"{repo_id}'s {MANIFEST} is not a manifest of this tool; remove it or push elsewhere") from None
-    if not isinstance(names, list):
-        raise PushError(f"{repo_id}'s {MANIFEST} is not a manifest of this tool; remove it or push elsewhere")
-    return {
-        name
-        for name in names
-        if isinstance(name, str) and name and not name.startswith("/") and ".." not in name.split("/")
-    }
+        manifest = json.loads(Path(manifest_file).read_text())
+    except ValueError:  # not JSON, or not UTF-8
+        manifest = None
+    problem = _manifest_problem(manifest)
+    if problem:
+        report(f"note: {repo_id}'s {MANIFEST} is not one this tool wrote ({problem}); this push deletes nothing")
+        return None
+    earlier = {}
+    for name, ids in manifest["files"].items():
+        reason = _never_uploaded(name)
+        if reason:
+            report(f"note: ignored {name!r}, listed in {repo_id}'s {MANIFEST}: {reason}; it is left in place")
+        else:
+            earlier[name] = ids
+    return earlier
+
+
+def _manifest_problem(manifest) -> str | None:
+    """Why `manifest` (parsed JSON) is not one this tool wrote, or None."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if (manifest.get("format"), manifest.get("format_version")) != (MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION):
+        return f"no format marker {MANIFEST_FORMAT!r} version {MANIFEST_FORMAT_VERSION}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(_is_content_ids(ids) for ids in files.values()):
+        return "its files are not listed with their sha256 and git blob id"
+    return None
+
+
+def _is_content_ids(ids) -> bool:
+    return (
+        isinstance(ids, dict)
+        and isinstance(ids.get("sha256"), str)
+        and isinstance(ids.get("git_blob"), str)
+        and re.fullmatch("[0-9a-f]{64}", ids["sha256"]) is not None
+        and re.fullmatch("[0-9a-f]{40}", ids["git_blob"]) is not None
+    )
+
+
+def _never_uploaded(name: str) -> str | None:
+    """Why a push can never have uploaded the repo path `name` (None: it can have)."""
+    parts = name.split("/")
+    if name == MANIFEST:
+        return "the manifest itself"
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in parts:
+        return "a path out of the folder (..)"
+    if "" in parts or "." in parts:
+        return "not a plain relative path of the folder"
+    if any(_skipped(part) for part in parts):
+        return "a hidden or __pycache__ path, which push never uploads"
+    return None
+
+
+def _unchanged_on_the_hub(api, repo_id: str, head: str | None, earlier: dict[str, dict], report) -> list[str]:
+    """The files of `earlier` whose content at commit `head` is still what this tool uploaded (others: a note)."""
+    if not earlier:
+        return []
+    from huggingface_hub import RepoFile
+
+    unchanged = []
+    for remote in api.get_paths_info(repo_id, sorted(earlier), revision=head):  # paths no longer there are left out
+        ids = earlier[remote.path]
+        if isinstance(remote, RepoFile) and (
+            remote.lfs.sha256 == ids["sha256"] if remote.lfs else remote.blob_id == ids["git_blob"]
+        ):
+            unchanged.append(remote.path)
+        else:
+            report(f"kept {remote.path}: changed on the Hub since an earlier push uploaded it")
+    return sorted(unchanged)
 
 
 def main(argv=None) -> int:

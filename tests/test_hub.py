@@ -1,26 +1,29 @@
 """Pushing a converted folder: the checks, the dry run, and the calls made to the Hub API (recorded, no network)."""
 
+import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import fill_hub_cache
-from huggingface_hub import CommitOperationDelete
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 from safetensors.torch import load_file
 
-from sparse_llava.push_to_hub import MANIFEST, PushError, files_to_upload, main, push
+from sparse_llava.push_to_hub import MANIFEST, MANIFEST_FORMAT, PushError, files_to_upload, main, push
 
 
 class RecordingApi:
     """
     huggingface_hub's `HfApi` for the tests: each call is checked against the real method's signature and recorded,
-    and the repo's files (`remote`, path -> bytes) change as the Hub's would (`list_repo_files`, `hf_hub_download`,
-    `create_commit`).
+    and the repo's files (`remote`, path -> bytes) and its head commit (`head`) change as the Hub's would
+    (`list_repo_files`, `repo_info`, `get_paths_info`, `hf_hub_download`, `create_commit`).
     """
 
     def __init__(self, remote: dict | None = None, download_dir: Path | None = None):
         self.calls, self.remote, self.download_dir = [], dict(remote or {}), download_dir
+        self.head = hashlib.sha1(repr(sorted(self.remote.items())).encode()).hexdigest()
 
     def __getattr__(self, name):
         import inspect
@@ -41,14 +44,36 @@ class RecordingApi:
     def _list_repo_files(self, repo_id, revision=None):
         return sorted(self.remote)
 
+    def _repo_info(self, repo_id, revision=None):
+        from huggingface_hub.hf_api import ModelInfo
+
+        return ModelInfo(id=repo_id, sha=self.head)
+
+    def _get_paths_info(self, repo_id, paths, revision=None):
+        """As the Hub answers: the files that exist (others left out), LFS ones as the Hub's default .gitattributes."""
+        from huggingface_hub import RepoFile
+
+        assert revision == self.head, "paths read at another commit than the manifest"
+        infos = []
+        for path in paths:
+            if path not in self.remote:
+                continue
+            content = self.remote[path]
+            if path.endswith((".safetensors", ".bin")) or len(content) > 10 * 1000**2:
+                sha256 = hashlib.sha256(content).hexdigest()
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(content)}\n"
+                lfs = {"size": len(content), "oid": sha256, "pointerSize": len(pointer)}
+                infos.append(RepoFile(path=path, size=len(content), oid=git_blob_id(pointer.encode()), lfs=lfs))
+            else:
+                infos.append(RepoFile(path=path, size=len(content), oid=git_blob_id(content)))
+        return infos
+
     def _hf_hub_download(self, repo_id, filename, revision=None):
         path = self.download_dir / filename
         path.write_bytes(self.remote[filename])
         return str(path)
 
-    def _create_commit(self, repo_id, operations, commit_message, revision=None):
-        from huggingface_hub import CommitOperationAdd
-
+    def _create_commit(self, repo_id, operations, commit_message, revision=None, parent_commit=None):
         for operation in operations:
             if isinstance(operation, CommitOperationAdd):
                 content = operation.path_or_fileobj
@@ -57,10 +82,35 @@ class RecordingApi:
                 )
             else:
                 del self.remote[operation.path_in_repo]
+        self.head = hashlib.sha1(f"{self.head} {commit_message}".encode()).hexdigest()
+
+    def commit_by_someone_else(self, path: str, content: bytes):
+        self._create_commit("", [CommitOperationAdd(path_in_repo=path, path_or_fileobj=content)], f"change {path}")
 
     def commit(self):
         (commit,) = [kwargs for name, _, kwargs in self.calls if name == "create_commit"]
         return commit
+
+    def deletes(self) -> list[str]:
+        return [op.path_in_repo for op in self.commit()["operations"] if isinstance(op, CommitOperationDelete)]
+
+
+def git_blob_id(content: bytes) -> str:
+    """The git object id of a file's content, from git itself."""
+    return (
+        subprocess.run(["git", "hash-object", "--stdin"], input=content, capture_output=True, check=True)
+        .stdout.decode()
+        .strip()
+    )
+
+
+def manifest_of_ours(files: dict[str, bytes]) -> bytes:
+    """A manifest in this tool's format, listing `files` (path -> content) with their real content ids."""
+    ids = {
+        name: {"sha256": hashlib.sha256(content).hexdigest(), "git_blob": git_blob_id(content)}
+        for name, content in files.items()
+    }
+    return json.dumps({"format": MANIFEST_FORMAT, "format_version": 2, "files": ids}).encode()
 
 
 def test_dry_run_lists_the_folder_and_calls_nothing(converted, capsys):
@@ -95,29 +145,51 @@ def test_push_creates_the_repo_and_uploads_in_one_commit(converted, tmp_path):
     assert set(api.remote) == {*names, MANIFEST}
     for name in names:
         assert api.remote[name] == (output / name).read_bytes()
-    assert json.loads(api.remote[MANIFEST])["files"] == names
+    # The manifest: this tool's marker, and each file with its sha256 and git blob id (from git itself).
+    manifest = json.loads(api.remote[MANIFEST])
+    assert (manifest["format"], manifest["format_version"]) == (MANIFEST_FORMAT, 2)
+    assert manifest["files"] == {
+        name: {"sha256": hashlib.sha256(api.remote[name]).hexdigest(), "git_blob": git_blob_id(api.remote[name])}
+        for name in names
+    }
 
 
-def test_re_push_deletes_only_what_an_earlier_push_wrote(converted, tmp_path):
-    """The second push sends sharded weights: the earlier single file goes; files others added to the repo stay."""
-    folder = tmp_path / "model"
-    shutil.copytree(converted("llava"), folder)
-    first = RecordingApi(download_dir=tmp_path)
-    push(folder, "org/tiny", api=first)
-    others = {"notes/model.safetensors": b"someone else's", "extra.py": b"# theirs", "old.bin": b"theirs"}
-
+def shard_the_weights(folder: Path) -> str:
+    """Replace the folder's model.safetensors by one shard and its index, as a re-save with max_shard_size does."""
     shard = "model-00001-of-00001.safetensors"
     (folder / "model.safetensors").rename(folder / shard)
     weight_map = {name: shard for name in load_file(folder / shard)}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return shard
+
+
+def test_re_push_deletes_only_what_an_earlier_push_wrote(converted, tmp_path):
+    """
+    The second push sends sharded weights and no CHANGES.md: the earlier single file (LFS) and CHANGES.md (a regular
+    file) go; files others added to the repo stay.
+    """
+    folder = tmp_path / "model"
+    shutil.copytree(converted("llava"), folder)
+    (folder / "CHANGES.md").write_text("first release\n")
+    first = RecordingApi(download_dir=tmp_path)
+    push(folder, "org/tiny", api=first)
+    others = {"notes/model.safetensors": b"someone else's", "extra.py": b"# theirs", "old.bin": b"theirs"}
+
+    shard = shard_the_weights(folder)
+    (folder / "CHANGES.md").unlink()
     second, reported = RecordingApi({**first.remote, **others}, tmp_path), []
+    head = second.head
     files = push(folder, "org/tiny", api=second, report=reported.append)
     names = {str(path) for path in files}
     assert {shard, "model.safetensors.index.json"} <= names and "model.safetensors" not in names
     assert set(second.remote) == names | {MANIFEST} | set(others)
-    assert reported == ["deleted model.safetensors (uploaded by an earlier push, not part of this one)"]
-    deletes = [op.path_in_repo for op in second.commit()["operations"] if isinstance(op, CommitOperationDelete)]
-    assert deletes == ["model.safetensors"]
+    assert reported == [
+        "deleted CHANGES.md (uploaded by an earlier push, not part of this one)",
+        "deleted model.safetensors (uploaded by an earlier push, not part of this one)",
+    ]
+    assert second.deletes() == ["CHANGES.md", "model.safetensors"]
+    # Checked and committed at the commit the manifest was read from: the Hub refuses the commit if the branch moved.
+    assert second.commit()["parent_commit"] == head
 
 
 def test_push_into_a_repo_without_a_manifest_deletes_nothing(converted, tmp_path):
@@ -127,18 +199,91 @@ def test_push_into_a_repo_without_a_manifest_deletes_nothing(converted, tmp_path
     assert set(api.remote) == {str(path) for path in files} | {MANIFEST} | set(remote)
     assert "hf_hub_download" not in [name for name, _, _ in api.calls]
     assert reported == ["note: org/tiny also holds modeling_old.py, pytorch_model.bin, which this push leaves in place"]
-    # A manifest that is not one of ours is not trusted to delete anything.
-    api = RecordingApi({MANIFEST: b'{"files": "everything"}'}, tmp_path)
-    with pytest.raises(PushError, match=f"{MANIFEST} is not a manifest of this tool"):
-        push(converted("llava"), "org/tiny", api=api)
-    api = RecordingApi({MANIFEST: json.dumps({"files": ["../x", "/etc/y", "README.md"]}).encode(), "README.md": b"x"})
-    api.download_dir = tmp_path
+
+
+@pytest.mark.parametrize(
+    "manifest, problem",
+    [
+        (b'{"files": "everything"}', "no format marker"),
+        (
+            json.dumps({"files": [".gitattributes", ".hidden/file", "README.md", "pytorch_model.bin"]}),
+            "no format marker",
+        ),
+        # This tool's first format: a bare list, nothing to check the files against.
+        (json.dumps({"uploaded_by": "sparse-llava push_to_hub", "files": ["README.md"]}), "no format marker"),
+        (json.dumps({"format": MANIFEST_FORMAT, "format_version": 2, "files": {"README.md": {}}}), "not listed with"),
+        (b"\xff\xfe not JSON", "not a JSON object"),
+    ],
+    ids=["files not a list", "another tool's list", "first format", "entries without ids", "not JSON"],
+)
+def test_a_manifest_this_tool_did_not_write_deletes_nothing(manifest, problem, converted, tmp_path):
     folder = tmp_path / "no-readme"
     shutil.copytree(converted("llava"), folder)
     (folder / "README.md").unlink()
+    manifest = manifest.encode() if isinstance(manifest, str) else manifest
+    theirs = {
+        ".gitattributes": b"*.bin filter=lfs\n",
+        ".hidden/file": b"x",
+        "README.md": b"# theirs",
+        "pytorch_model.bin": b"old",
+    }
+    api, reported = RecordingApi({MANIFEST: manifest, **theirs}, tmp_path), []
+    push(folder, "org/tiny", api=api, report=reported.append)
+    assert api.deletes() == [] and all(api.remote[name] == content for name, content in theirs.items())
+    assert "get_paths_info" not in [name for name, _, _ in api.calls]
+    assert reported[0].startswith(f"note: org/tiny's {MANIFEST} is not one this tool wrote (")
+    assert problem in reported[0] and reported[0].endswith("); this push deletes nothing")
+    assert reported[1:] == ["note: org/tiny also holds pytorch_model.bin, which this push leaves in place"]
+    assert json.loads(api.remote[MANIFEST])["format"] == MANIFEST_FORMAT  # replaced by this push's own
+
+
+def test_paths_a_push_never_uploads_are_ignored_in_its_manifest(converted, tmp_path):
+    """Listed in a manifest of this tool's format, with their exact content: still never deleted; each is named."""
+    never = {
+        ".gitattributes": "a hidden or __pycache__ path",
+        "../x": "a path out of the folder (..)",
+        "/abs": "an absolute path",
+        ".hidden/file": "a hidden or __pycache__ path",
+        "docs/.env": "a hidden or __pycache__ path",
+        "__pycache__/x.pyc": "a hidden or __pycache__ path",
+        "docs//a.py": "not a plain relative path",
+        "./a.py": "not a plain relative path",
+        MANIFEST: "the manifest itself",
+    }
+    theirs = {name: f"content of {name}".encode() for name in never}
+    earlier = {**theirs, "old.md": b"uploaded by an earlier push"}
+    api, reported = RecordingApi({**earlier, MANIFEST: manifest_of_ours(earlier)}, tmp_path), []
+    push(converted("llava"), "org/tiny", api=api, report=reported.append)
+    assert api.deletes() == ["old.md"]  # the one path a push can have uploaded, unchanged since
+    assert all(api.remote[name] == content for name, content in theirs.items() if name != MANIFEST)
+    ignored = [line for line in reported if line.startswith("note: ignored ")]
+    for line, (name, reason) in zip(ignored, never.items(), strict=True):
+        assert line.startswith(f"note: ignored {name!r}, listed in org/tiny's {MANIFEST}: {reason}")
+        assert line.endswith("; it is left in place")
+    (paths_info,) = [args for name, args, _ in api.calls if name == "get_paths_info"]
+    assert paths_info[1] == ["old.md"]  # nothing else is even looked at
+
+
+def test_a_file_changed_on_the_hub_since_it_was_pushed_is_kept(converted, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(converted("llava"), folder)
+    (folder / "CHANGES.md").write_text("first release\n")
+    api = RecordingApi(download_dir=tmp_path)
     push(folder, "org/tiny", api=api)
-    deletes = [op.path_in_repo for op in api.commit()["operations"] if isinstance(op, CommitOperationDelete)]
-    assert deletes == ["README.md"]
+    # Someone else replaces both after the push: an LFS file and a regular one.
+    api.commit_by_someone_else("model.safetensors", b"their weights")
+    api.commit_by_someone_else("CHANGES.md", b"their notes\n")
+
+    shard_the_weights(folder)
+    (folder / "CHANGES.md").unlink()
+    second, reported = RecordingApi(api.remote, tmp_path), []
+    push(folder, "org/tiny", api=second, report=reported.append)
+    assert second.deletes() == []
+    assert second.remote["model.safetensors"] == b"their weights" and second.remote["CHANGES.md"] == b"their notes\n"
+    assert reported == [
+        "kept CHANGES.md: changed on the Hub since an earlier push uploaded it",
+        "kept model.safetensors: changed on the Hub since an earlier push uploaded it",
+    ]
 
 
 @pytest.mark.parametrize("link", ["file outside", "folder outside", "file inside"])
