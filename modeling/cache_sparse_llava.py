@@ -18,14 +18,15 @@ hold image tokens (`image[batch, capacity]`), and a per-row write pointer `next_
   (kept for later tokens) only where the admission mask says so: the pointer moves on by 0 or 1 per row. This step
   is pure tensor code with no host synchronisation (see `write_token`), so it runs at full speed on CUDA.
 
-Capacity comes in two modes:
+Capacity comes in two kinds of layer, as transformers' `DynamicLayer` and `StaticLayer`, over one base
+(`SparseCacheLayer`: buffers, writes, sizes, batch operations):
 
-* growing (the default): a prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of
+* growing (`GrowingSparseLayer`, the default): a prompt gets exactly the capacity it needs; during decoding capacity grows in blocks of
   `growth_block` slots. The host only learns how far the pointers got when the worst case (every token admitted since
   the last look) could overflow the buffer, i.e. at most once every `growth_block` steps. A layer holds little more
   than what it stores, and a decode step's attention reads its slots only up to that host-side bound on the pointers,
   but the shapes change, so a compiled decode step would recompile.
-* fixed (`max_cache_len=N`, as transformers' `StaticCache`; `generate(..., cache_implementation="static")` makes one
+* fixed (`FixedSparseLayer`, `max_cache_len=N`, as transformers' `StaticCache`; `generate(..., cache_implementation="static")` makes one
   sized for the prompt and `max_new_tokens`): each layer's buffers are allocated once, at its first chunk, with room for
   `N` tokens of conversation: the slots that chunk stored plus one per token still to come, so a layer that dropped
   tokens at prefill gets a smaller buffer. A decode step then has static shapes and no host synchronisation at all (the
@@ -95,51 +96,54 @@ def write_token(
 
 class SparseCacheLayer(DynamicLayer):
     """
-    One layer of a [`SparseCache`]: key/value buffers, slot validity and per-row write pointers. With `max_cache_len`
-    the buffers have a fixed capacity (see the module docstring).
+    What the two kinds of layer of a [`SparseCache`] share: key/value buffers, slot validity, which slots hold image
+    tokens, per-row write pointers, the writes of a chunk and of a single token, sizes and batch operations. How
+    capacity is found (grown, or fixed at the first chunk) and how the logical length is held are the subclasses':
+    [`GrowingSparseLayer`] and [`FixedSparseLayer`].
     """
 
     is_croppable = False
 
-    def __init__(self, growth_block: int = 64, max_cache_len: int | None = None):
+    def __init__(self):
         super().__init__()
-        self.growth_block = growth_block
-        self.max_cache_len = max_cache_len
         self.valid: torch.Tensor | None = None
         self.image: torch.Tensor | None = None
         self.next_slot: torch.Tensor | None = None
-        # Logical length: a host integer when growing; a tensor updated in place when fixed, so that decode steps
-        # neither read nor write host state (a compiled step would otherwise specialise on it and recompile).
-        self.cumulative_length = 0 if max_cache_len is None else torch.zeros((), dtype=torch.long)
-        # Host-side upper bound on max(next_slot): exact after a multi-token chunk, +1 per single-token step.
+        # Host-side upper bound on max(next_slot): exact after a multi-token chunk (growing layers: +1 per decode step).
         self.slot_bound = 0
         self.single_token_step = False
         self.holds_images = False  # whether a chunk with image tokens was stored (known on the host)
-        # Fixed layers: the logical length as the host last knew it (see `check_room`).
-        self.host_length = 0
+
+    # --- what the subclasses decide -------------------------------------------------------------------------------
+
+    @property
+    def decode_slots(self) -> int:
+        """How many leading slots a single-token step reads (keys, values and mask)."""
+        raise NotImplementedError
+
+    def has_room_for_token(self) -> bool:
+        """Whether a single-token step surely fits without looking at the pointers (a host synchronisation)."""
+        raise NotImplementedError
+
+    def make_room(self, chunk: "IncomingChunk") -> None:
+        """Give the buffers room for `chunk` at column `slot_bound`."""
+        raise NotImplementedError
+
+    def check_room(self, chunk: "IncomingChunk") -> None:
+        """Refuse a chunk the layer must not take (a fixed layer's conversation past its `max_cache_len`)."""
+
+    def count_tokens(self, logical_length: int) -> None:
+        """Add the tokens of conversation a chunk stands for to the logical length (after the chunk is written)."""
+        raise NotImplementedError
+
+    def reset_length(self) -> None:
+        raise NotImplementedError
 
     # --- storage ------------------------------------------------------------------------------------------------
 
     @property
-    def fixed(self) -> bool:
-        return self.max_cache_len is not None
-
-    @property
-    def is_compileable(self) -> bool:
-        return self.fixed
-
-    @property
     def capacity(self) -> int:
         return 0 if self.valid is None else self.valid.shape[-1]
-
-    @property
-    def decode_slots(self) -> int:
-        """
-        How many leading slots a single-token step reads (keys, values and mask): a fixed layer's whole buffer, so that
-        the step's shapes never change; a growing layer's slots up to the host-side bound on the pointers, plus the
-        new token's, so that attention does not read the unused end of the last `growth_block`.
-        """
-        return self.capacity if self.fixed else self.slot_bound + 1
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # Not `super()`: transformers 4.57's takes only `key_states`.
@@ -147,16 +151,6 @@ class SparseCacheLayer(DynamicLayer):
         batch_size, _, _, head_dim = key_states.shape
         self.keys = key_states.new_zeros((batch_size, key_states.shape[1], self.capacity, head_dim))
         self.values = value_states.new_zeros((batch_size, value_states.shape[1], self.capacity, head_dim))
-        if self.fixed:
-            self.mark_static(self.keys, self.values)
-
-    @staticmethod
-    def mark_static(*tensors: torch.Tensor) -> None:
-        """Tell `torch.compile` that these buffers keep their address (updated in place), as `StaticLayer` does, so that
-        CUDA graphs can replay a compiled step. Done on the host, outside a compiled region (prefill)."""
-        if not torch.compiler.is_compiling():
-            for tensor in tensors:
-                torch._dynamo.mark_static_address(tensor)
 
     def prepare(self, chunk: IncomingChunk) -> None:
         """Get ready to receive a chunk: make room, and for multi-token chunks align the rows' write pointers."""
@@ -166,74 +160,22 @@ class SparseCacheLayer(DynamicLayer):
                 f"this SparseCache already holds a conversation of {self.valid.shape[0]} rows, and the input has "
                 f"{batch_size}: pass a new cache (model.new_cache()) or empty this one with cache.reset()"
             )
-        if self.fixed:
-            self.check_room(chunk)
+        self.check_room(chunk)
         if self.valid is None:
             device = chunk.valid.device
             self.valid = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
             self.image = torch.zeros((batch_size, 0), dtype=torch.bool, device=device)
             self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)
-            if self.fixed:
-                self.cumulative_length = self.cumulative_length.to(device)
         self.single_token_step = chunk_length == 1
-        if self.single_token_step and self.capacity and (self.fixed or self.slot_bound + 1 <= self.capacity):
-            # The common decode step: no host synchronisation. A fixed layer always has room (see `allocate_fixed`);
-            # writing past its end would fail on the device, not corrupt anything.
-            return
+        if self.single_token_step and self.capacity and self.has_room_for_token():
+            return  # the common decode step: no host synchronisation
         # The worst case could overflow, or a multi-token chunk must start at one column in every row: look at where
-        # the rows really are (one host sync per `growth_block` decode steps, or per prompt / new turn).
+        # the rows really are (one host sync per growth block of decode steps, or per prompt / new turn).
         self.slot_bound = int(self.next_slot.max()) if self.capacity else 0
         if not self.single_token_step:
             self.next_slot.fill_(self.slot_bound)
         if self.slot_bound + chunk_length > self.capacity:
-            if self.fixed:
-                self.allocate_fixed(chunk)
-                return
-            # A prompt gets exactly the room it needs; decoding grows the buffers a block at a time.
-            slack = self.growth_block if self.single_token_step else 0
-            extra = self.slot_bound + chunk_length + slack - self.capacity
-            self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
-            self.image = torch.nn.functional.pad(self.image, (0, extra), value=False)
-            if self.is_initialized:
-                self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
-                self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
-
-    def check_room(self, chunk: IncomingChunk) -> None:
-        """
-        Refuse a chunk that would take a fixed layer's conversation past `max_cache_len`. The host reads the length
-        from the device at a multi-token chunk (which synchronises anyway) and counts eager decode steps itself; a
-        compiled decode step leaves the count alone and does not check (see the module docstring), so after compiled
-        steps the count lags until the next multi-token chunk.
-        """
-        if torch.compiler.is_compiling():
-            return
-        if chunk.valid.shape[1] > 1:
-            self.host_length = int(self.cumulative_length)
-        seen = self.host_length + chunk.logical_length
-        if seen > self.max_cache_len:
-            raise ValueError(self.overflow_message(seen))
-        self.host_length = seen
-
-    def overflow_message(self, seen: int) -> str:
-        return (
-            f"the SparseCache was made for max_cache_len={self.max_cache_len} tokens of conversation, and this "
-            f"chunk brings it to {seen}; make it with a larger max_cache_len (generate() sizes it as the prompt "
-            f"plus max_new_tokens)"
-        )
-
-    def allocate_fixed(self, chunk: IncomingChunk) -> None:
-        """
-        Size a fixed layer's buffers at its first chunk: the slots the chunk takes, plus one per token of conversation
-        still to come (`max_cache_len` minus the tokens seen with this chunk). Every later token adds at most one slot,
-        and a later chunk at most its length, so the buffers never need to grow.
-        """
-        seen = int(self.cumulative_length) + chunk.logical_length
-        if self.capacity or seen > self.max_cache_len:
-            raise ValueError(self.overflow_message(seen))
-        capacity = chunk.valid.shape[1] + self.max_cache_len - seen
-        self.valid = torch.zeros((chunk.valid.shape[0], capacity), dtype=torch.bool, device=chunk.valid.device)
-        self.image = torch.zeros_like(self.valid)
-        self.mark_static(self.valid, self.image, self.next_slot, self.cumulative_length)
+            self.make_room(chunk)
 
     def visible_slots(self, chunk: IncomingChunk) -> torch.Tensor:
         """`[batch, slots]` bool: the physical 2-D attention mask for the chunk about to be written."""
@@ -248,19 +190,15 @@ class SparseCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         admit = chunk.valid if chunk.admit is None else chunk.valid & chunk.admit
-        if self.fixed:
-            self.cumulative_length.add_(chunk.logical_length)
-        else:
-            self.cumulative_length += chunk.logical_length
         if self.single_token_step:
             read = self.decode_slots
             advanced = write_token(
                 self.keys, self.values, self.valid, self.next_slot, key_states, value_states, admit[:, 0]
             )
             self.next_slot.copy_(advanced)
-            if not self.fixed:
-                self.slot_bound += 1
+            self.count_tokens(chunk.logical_length)
             return self.keys[..., :read, :], self.values[..., :read, :]
+        self.count_tokens(chunk.logical_length)
         start, end = self.slot_bound, self.slot_bound + key_states.shape[-2]
         self.keys[..., start:end, :] = key_states
         self.values[..., start:end, :] = value_states
@@ -276,11 +214,7 @@ class SparseCacheLayer(DynamicLayer):
     # --- sizes ----------------------------------------------------------------------------------------------------
 
     def get_seq_length(self) -> int | torch.Tensor:
-        # Fixed layers: a 0-d tensor (as transformers' `StaticLayer`), so that reading it needs no host sync.
         return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1 if self.max_cache_len is None else self.max_cache_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.single_token_step:
@@ -321,10 +255,9 @@ class SparseCacheLayer(DynamicLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.valid = self.image = self.next_slot = None
-        self.cumulative_length = 0 if self.max_cache_len is None else torch.zeros((), dtype=torch.long)
         self.slot_bound = 0
         self.holds_images = False
-        self.host_length = 0
+        self.reset_length()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply_to_rows(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -343,6 +276,145 @@ class SparseCacheLayer(DynamicLayer):
             "number of stored slots. Generation modes that roll back the cache (assisted / speculative decoding, "
             "DoLa) are not supported with sparse-llava models."
         )
+
+
+class GrowingSparseLayer(SparseCacheLayer):
+    """
+    A layer whose buffers grow: a prompt gets exactly the slots it needs, decoding adds `growth_block` slots at a time.
+    Its logical length is a host integer, and a decode step reads its slots only up to the host-side bound on the
+    pointers, so shapes change from step to step (as transformers' `DynamicLayer`, it is not compileable).
+    """
+
+    is_compileable = False
+
+    def __init__(self, growth_block: int = 64):
+        super().__init__()
+        self.growth_block = growth_block
+        self.cumulative_length = 0
+
+    @property
+    def decode_slots(self) -> int:
+        # The slots up to the bound on the pointers, plus the new token's: not the unused end of the last block.
+        return self.slot_bound + 1
+
+    def has_room_for_token(self) -> bool:
+        return self.slot_bound + 1 <= self.capacity
+
+    def make_room(self, chunk: IncomingChunk) -> None:
+        # A prompt gets exactly the room it needs; decoding grows the buffers a block at a time.
+        slack = self.growth_block if self.single_token_step else 0
+        extra = self.slot_bound + chunk.valid.shape[1] + slack - self.capacity
+        self.valid = torch.nn.functional.pad(self.valid, (0, extra), value=False)
+        self.image = torch.nn.functional.pad(self.image, (0, extra), value=False)
+        if self.is_initialized:
+            self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, extra))
+            self.values = torch.nn.functional.pad(self.values, (0, 0, 0, extra))
+
+    def count_tokens(self, logical_length: int) -> None:
+        self.cumulative_length += logical_length
+        if self.single_token_step:
+            self.slot_bound += 1  # the new token's slot: the bound stays an upper bound on every row's pointer
+
+    def reset_length(self) -> None:
+        self.cumulative_length = 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    get_max_cache_shape = get_max_length  # the name of transformers 4.57
+
+
+class FixedSparseLayer(SparseCacheLayer):
+    """
+    A layer of fixed capacity, as transformers' `StaticLayer`: its buffers are allocated once, at its first chunk,
+    with room for `max_cache_len` tokens of conversation (the slots that chunk stored plus one per token still to
+    come). Its logical length is a tensor updated in place and a decode step reads the whole buffer, so decode steps
+    have static shapes and no host synchronisation, and compile to one graph.
+    """
+
+    is_compileable = True
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        # A tensor, so that decode steps neither read nor write host state (a compiled step would otherwise
+        # specialise on it and recompile).
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
+        self.host_length = 0  # the logical length as the host last knew it (see `check_room`)
+
+    @property
+    def decode_slots(self) -> int:
+        return self.capacity  # the whole buffer: a step's shapes never change
+
+    def has_room_for_token(self) -> bool:
+        # Always, up to `max_cache_len` (see `allocate`); writing past the end would fail on the device.
+        return True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.mark_static(self.keys, self.values)
+
+    @staticmethod
+    def mark_static(*tensors: torch.Tensor) -> None:
+        """Tell `torch.compile` that these buffers keep their address (updated in place), as `StaticLayer` does, so that
+        CUDA graphs can replay a compiled step. Done on the host, outside a compiled region (prefill)."""
+        if not torch.compiler.is_compiling():
+            for tensor in tensors:
+                torch._dynamo.mark_static_address(tensor)
+
+    def prepare(self, chunk: IncomingChunk) -> None:
+        if self.valid is None:
+            self.cumulative_length = self.cumulative_length.to(chunk.valid.device)
+        super().prepare(chunk)
+
+    def check_room(self, chunk: IncomingChunk) -> None:
+        """
+        Refuse a chunk that would take the conversation past `max_cache_len`. The host reads the length from the
+        device at a multi-token chunk (which synchronises anyway) and counts eager decode steps itself; a compiled
+        decode step leaves the count alone and does not check (see the module docstring), so after compiled steps the
+        count lags until the next multi-token chunk.
+        """
+        if torch.compiler.is_compiling():
+            return
+        if chunk.valid.shape[1] > 1:
+            self.host_length = int(self.cumulative_length)
+        seen = self.host_length + chunk.logical_length
+        if seen > self.max_cache_len:
+            raise ValueError(self.overflow_message(seen))
+        self.host_length = seen
+
+    def overflow_message(self, seen: int) -> str:
+        return (
+            f"the SparseCache was made for max_cache_len={self.max_cache_len} tokens of conversation, and this "
+            f"chunk brings it to {seen}; make it with a larger max_cache_len (generate() sizes it as the prompt "
+            f"plus max_new_tokens)"
+        )
+
+    def make_room(self, chunk: IncomingChunk) -> None:
+        """
+        Size the buffers at the first chunk: the slots the chunk takes, plus one per token of conversation still to
+        come (`max_cache_len` minus the tokens seen with this chunk). Every later token adds at most one slot, and a
+        later chunk at most its length, so the buffers never need to grow.
+        """
+        seen = int(self.cumulative_length) + chunk.logical_length
+        if self.capacity or seen > self.max_cache_len:
+            raise ValueError(self.overflow_message(seen))
+        capacity = chunk.valid.shape[1] + self.max_cache_len - seen
+        self.valid = torch.zeros((chunk.valid.shape[0], capacity), dtype=torch.bool, device=chunk.valid.device)
+        self.image = torch.zeros_like(self.valid)
+        self.mark_static(self.valid, self.image, self.next_slot, self.cumulative_length)
+
+    def count_tokens(self, logical_length: int) -> None:
+        self.cumulative_length.add_(logical_length)
+
+    def reset_length(self) -> None:
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
+        self.host_length = 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    get_max_cache_shape = get_max_length  # the name of transformers 4.57
 
 
 class SparseCache(Cache):
@@ -364,7 +436,11 @@ class SparseCache(Cache):
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         check_token_count("max_cache_len", max_cache_len)
         check_token_count("growth_block", growth_block)
-        super().__init__(layers=[SparseCacheLayer(growth_block, max_cache_len) for _ in range(num_layers)])
+        layers = [
+            GrowingSparseLayer(growth_block) if max_cache_len is None else FixedSparseLayer(max_cache_len)
+            for _ in range(num_layers)
+        ]
+        super().__init__(layers=layers)
         self._incoming: IncomingChunk | None = None
         # [layer, count, batch] running sums of the models' token counts (see `record`).
         self.token_stats: torch.Tensor | None = None
@@ -383,7 +459,7 @@ class SparseCache(Cache):
     @property
     def max_cache_len(self) -> int | None:
         """Tokens of conversation a fixed-capacity cache has room for; None for a growing one."""
-        return self.layers[0].max_cache_len
+        return getattr(self.layers[0], "max_cache_len", None)
 
     def begin_chunk(self, layer_idx: int, chunk: IncomingChunk) -> torch.Tensor:
         """Announce the chunk the next `update` of `layer_idx` receives; returns the layer's 2-D attention mask."""
@@ -444,7 +520,7 @@ class SparseCache(Cache):
         if self.token_stats is None:
             self.token_stats = increment
             if self.max_cache_len is not None:
-                SparseCacheLayer.mark_static(self.token_stats)
+                FixedSparseLayer.mark_static(self.token_stats)
         else:
             self.token_stats.add_(increment)  # in place, as the layers' buffers
 

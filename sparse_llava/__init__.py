@@ -21,7 +21,7 @@ __path__.extend(  # noqa: F821  (`__path__` is defined for packages)
     str(resource_folder(name)) for name in ("configuration", "modeling", "conversion") if resource_folder(name)
 )
 
-from .cache_sparse_llava import SparseCache, SparseCacheLayer  # noqa: E402
+from .cache_sparse_llava import FixedSparseLayer, GrowingSparseLayer, SparseCache, SparseCacheLayer  # noqa: E402
 from .compat_transformers import auto_model_classes  # noqa: E402
 from .configuration_dynamic_llava import DynamicLlavaConfig  # noqa: E402
 from .configuration_pmod import PMoDConfig  # noqa: E402
@@ -64,6 +64,8 @@ __all__ = [
     "PMoDConfig",
     "PMoDLlavaForConditionalGeneration",
     "SparseCache",
+    "FixedSparseLayer",
+    "GrowingSparseLayer",
     "SparseCacheLayer",
     "SparseLlavaConfig",
     "YopoConfig",

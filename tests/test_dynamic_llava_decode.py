@@ -6,8 +6,6 @@ from conftest import generated_cache, load_dynamic
 from test_dynamic_llava_prefill import inputs_for, row_alone, spread_predictor_scores
 from transformers.cache_utils import Cache
 
-from sparse_llava.cache_sparse_llava import IncomingChunk, SparseCache, write_token
-
 NEW_TOKENS = 12
 
 
@@ -183,78 +181,6 @@ def test_multi_turn_chunk_is_admitted_whole(converted):
             assert (stored >= after_turn).all() and (stored <= after_turn + 3).all()
     counts = generated_cache(second).sparsity_report()[model.config.sparse_layer]
     assert counts["output_text_seen"] == [NEW_TOKENS - 1 + 3] * 2
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_admission_step_has_no_host_synchronisation(backend):
-    """`write_token` compiles as one graph (no `.item()`, no data-dependent Python branching), and inductor's code
-    writes the buffers it was given, in place."""
-    torch._dynamo.reset()
-    compiled = torch.compile(write_token, fullgraph=True, backend=backend)
-    generator = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(3, 2, 8, 4, generator=generator), torch.randn(3, 2, 8, 4, generator=generator)
-    valid = torch.zeros(3, 8, dtype=torch.bool)
-    next_slot = torch.tensor([0, 2, 5])
-    new_key, new_value = torch.randn(3, 2, 1, 4, generator=generator), torch.randn(3, 2, 1, 4, generator=generator)
-    admit = torch.tensor([True, False, True])
-    expected = [t.clone() for t in (keys, values, valid)]
-    for row, slot in enumerate(next_slot.tolist()):
-        expected[0][row, :, slot] = new_key[row, :, 0]
-        expected[1][row, :, slot] = new_value[row, :, 0]
-        expected[2][row, slot] = admit[row]
-    advanced = compiled(keys, values, valid, next_slot, new_key, new_value, admit)
-    assert advanced.tolist() == [1, 2, 6]
-    for actual, wanted in zip((keys, values, valid), expected):
-        assert torch.equal(actual, wanted)
-
-
-def test_growing_cache_decode_step_reads_up_to_the_pointers_bound():
-    """A growing layer's decode step hands attention (keys, values, mask) its slots up to the host-side bound on the
-    rows' pointers, not the unused rest of its last growth block, and they hold exactly what each row admitted."""
-    cache = SparseCache(num_layers=1, growth_block=8)
-    generator = torch.Generator().manual_seed(0)
-
-    def chunk_of(length, admit=None):
-        keys, values = (torch.randn(2, 1, length, 4, generator=generator) for _ in range(2))
-        chunk = IncomingChunk(valid=torch.ones(2, length, dtype=torch.bool), admit=admit, logical_length=length)
-        return chunk, keys, values
-
-    chunk, keys, values = chunk_of(3)
-    cache.begin_chunk(0, chunk)
-    cache.update(keys, values, 0)
-    admitted = [[key for key in keys[row, 0]] for row in range(2)]  # per row: the keys it holds, in order
-    layer, shorter_than_buffer = cache.layers[0], 0
-    admits = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 1]] * 4, dtype=torch.bool)
-    for admit in admits:
-        chunk, key, value = chunk_of(1, admit[:, None])
-        visible = cache.begin_chunk(0, chunk)
-        mask_slots = layer.get_mask_sizes(1)[0]
-        query_offset = cache.get_query_offset(0)
-        read_keys, read_values = cache.update(key, value, 0)
-        assert read_keys.shape[2] == read_values.shape[2] == visible.shape[1] == mask_slots == query_offset + 1
-        shorter_than_buffer += read_keys.shape[2] < layer.capacity
-        for row in range(2):
-            seen = read_keys[row, 0][visible[row]]
-            assert torch.equal(seen, torch.stack([*admitted[row], key[row, 0, 0]]))
-            if admit[row]:
-                admitted[row].append(key[row, 0, 0])
-        assert not layer.valid[:, read_keys.shape[2] :].any()
-    assert shorter_than_buffer > len(admits) // 2, shorter_than_buffer
-
-
-def test_cache_batch_operations_keep_rows_consistent(converted):
-    model = text_sparse_model(converted, "llava")
-    inputs = inputs_for("llava")
-    with torch.no_grad():
-        cache = model(**inputs, use_cache=True).cache
-    stored = [cache.stored_tokens(i).clone() for i in range(4)]
-    cache.batch_repeat_interleave(2)
-    assert cache.stored_tokens(3).tolist() == stored[3].repeat_interleave(2).tolist()
-    cache.reorder_cache(torch.tensor([3, 0, 1, 2]))
-    assert cache.stored_tokens(3).tolist() == stored[3].repeat_interleave(2)[[3, 0, 1, 2]].tolist()
-    cache.batch_select_indices(torch.tensor([1]))
-    assert cache.stored_tokens(0).tolist() == [int(stored[0][0])]
-    assert isinstance(cache, SparseCache)
 
 
 @pytest.mark.parametrize("base", ["llava", "llava_next"])
