@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import generated_cache
 from PIL import Image
+from test_offload import cpu_and_disk_layers
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
+from sparse_llava import DynamicLlavaForConditionalGeneration
 from sparse_llava.tiny import tiny_inputs
 
 PROMPT = "USER: <image> What is in the image ? ASSISTANT:"
@@ -52,20 +54,7 @@ def test_device_map_with_cpu_and_disk_offload(converted, tmp_path):
     output = converted("llava")
     reference = AutoModelForImageTextToText.from_pretrained(output, trust_remote_code=True)
     expected = reference.generate(**tiny_inputs("llava"), max_new_tokens=4, do_sample=False)
-    placement = {
-        name: "cpu"
-        for name in (
-            "model.vision_tower",
-            "model.multi_modal_projector",
-            "model.language_model.embed_tokens",
-            "model.language_model.norm",
-            "model.language_model.rotary_emb",
-            "lm_head",
-            "image_score_predictor",
-            "output_text_score_predictor",
-        )
-    }
-    placement.update({f"model.language_model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(4)})
+    placement = cpu_and_disk_layers(DynamicLlavaForConditionalGeneration)
     offloaded = AutoModelForImageTextToText.from_pretrained(
         output, trust_remote_code=True, device_map=placement, offload_folder=str(tmp_path)
     )
