@@ -1,6 +1,7 @@
 """The `sparse-llava` command.
 
-sparse-llava serve [FOLDER_OR_REPO] [flags of `transformers serve`]  serve with transformers' own server (--help)
+sparse-llava serve [FOLDER_OR_REPO] [flags of `transformers serve`]  serve with transformers' own server (--help);
+                   [--image-folder DIR]                              local images from DIR only (else URLs only)
 sparse-llava convert --base B --method M --output O [...]            convert a checkpoint (as sparse-llava-convert)
 """
 
