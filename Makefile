@@ -10,7 +10,7 @@ TORCH_INDEX_URL ?=
 TRANSFORMERS_SPEC ?= transformers
 PY := $(VENV)/bin/python
 
-.PHONY: install install-extras demo test drift lint bench clean
+.PHONY: install install-extras demo test gpu-check drift lint bench clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The CUDA side in one command (benchmarks/gpu_check.py): the device tests on CUDA, no host synchronisation in decode
+# steps, flash-attention if installed, compiled generate(), a short bf16 benchmark. Without CUDA it skips and exits 0.
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpu_check.py
 
 # What must hold on every supported transformers release (.ci/run runs it on the floor and a middle release).
 drift: install

@@ -20,6 +20,20 @@ SMALL_PREDICTOR = {"predictor_hidden_size": 32, "predictor_num_heads": 4, "predi
 DENSE_EQUIVALENT = {"vision_keep_ratio": 1.0, "text_sparsification": False}
 
 
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """
+    The device the device-parametrised tests (tests/test_device.py) move their models to: `$SPARSE_LLAVA_TEST_DEVICE`,
+    cpu unless set (`make gpu-check` sets cuda). Every other test runs on the CPU.
+    """
+    name = os.environ.get("SPARSE_LLAVA_TEST_DEVICE", "cpu")
+    try:
+        return torch.empty(0, device=name).device  # no device string, or one this torch cannot use, fails here
+    except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on CUDA
+        reason = str(error).splitlines()[0]
+        pytest.fail(f"SPARSE_LLAVA_TEST_DEVICE={name!r}: {reason}; unset it to run on the CPU", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
