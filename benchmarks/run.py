@@ -32,6 +32,10 @@ For each method it measures, on the LLaVA-1.5 shape,
   position's logits only, as `generate(use_cache=False)` runs it);
 * the share of a decode step spent in attention (`attention_share_b{1,8}`, profiled), the part a smaller cache makes
   cheaper: about `1 / (1 - share)` of dense is the most any method that keeps text tokens in every layer can reach;
+* the KV slots a decode step's attention reads and attends to (`slots_read_b{1,8}_<setup>`, `slots_attended_...`;
+  see `slots_per_decode_step`), counted from the masks the steps hand to attention, summed over layers and rows and
+  averaged over the steps of an eager generation of the batch's new tokens: with each method's growing cache and its
+  fixed-capacity cache, against dense LLaVA's StaticCache;
 * peak memory, each model in a fresh process (so that no other model counts): built, one prefill, then a generation
   of the longest N (`--quick`: 32) tokens; on CPU the peak resident set, on CUDA the allocator's peak; also the part
   above what the process held once the model was built (`peak_memory_above_model`);
@@ -509,6 +513,68 @@ def attention_share(model, inputs, tokens: int, device) -> float:
     return attention_us / 1e6 / sum(steps)
 
 
+def slots_in_mask(mask) -> tuple[int, float]:
+    """
+    `(read, attended)` KV slots of one decode step's attention mask, summed over rows: read, the key slots the kernel
+    is given for each row (an SDPA or eager mask's width: those kernels read every slot, masked or not; a FlexAttention
+    block mask: the slots of the key blocks it visits); attended, the slots the mask lets the row's query see (the mean
+    over heads for a per-head mask).
+    """
+    if hasattr(mask, "kv_num_blocks"):  # a FlexAttention BlockMask
+        from torch.nn.attention.flex_attention import create_mask
+
+        batch, heads = mask.kv_num_blocks.shape[:2]
+        query_length, key_length = mask.seq_lengths
+        blocks = mask.kv_num_blocks[:, :, 0] + (
+            0 if mask.full_kv_num_blocks is None else mask.full_kv_num_blocks[:, :, 0]
+        )
+        read = (blocks * mask.BLOCK_SIZE[1]).clamp(max=key_length).float().mean(1).sum()
+        dense = create_mask(mask.mask_mod, batch, heads, query_length, key_length, device=blocks.device)
+        return int(read), float(dense[:, :, -1].float().sum(-1).mean(1).sum())
+    rows, key_length = mask.shape[0], mask.shape[-1]
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    visible = visible.reshape(rows, -1, key_length)  # [rows, heads or 1, keys], a single query
+    return rows * key_length, float(visible.float().sum(-1).mean(1).sum())
+
+
+def slots_per_decode_step(model, inputs, tokens: int, setup: str, device) -> tuple[float, float]:
+    """
+    KV slots a decode step's attention reads and attends to, summed over layers and rows (`slots_in_mask`), averaged
+    over the steps of an eager greedy generation of `tokens` new tokens with the set-up's cache (`decode_settings`;
+    a fixed one sized for this generation). Counted from the masks the decoder layers hand their attention modules;
+    a compiled step takes the same masks.
+    """
+    per_step = []
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        if kwargs.get("hidden_states", args[0] if args else None).shape[1] == 1:  # a decode step
+            if mask is None:
+                raise ValueError(f"{type(model).__name__} gave a decode step no attention mask: nothing to count")
+            per_step[-1].append(slots_in_mask(mask))
+
+    def new_step(module, args, kwargs):
+        per_step.append([])
+
+    attentions = [layer.self_attn for layer in model.model.language_model.layers]
+    handles = [attention.register_forward_pre_hook(count, with_kwargs=True) for attention in attentions]
+    handles.append(model.register_forward_pre_hook(new_step, with_kwargs=True))
+    settings = decode_settings(
+        model, "eager" if setup == "dynamic" else setup, inputs["input_ids"].shape[1] + tokens - 1, device
+    )
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **settings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = [step for step in per_step if step]
+    return (
+        sum(read for step in steps for read, _ in step) / len(steps),
+        sum(attended for step in steps for _, attended in step) / len(steps),
+    )
+
+
 def compile_setup(name, model, inputs, tokens: int, device) -> None:
     """Compile a model's decode step by an untimed short generation (with the timed runs' cache size, so that they
     reuse the graph)."""
@@ -583,6 +649,12 @@ def measure_decode_speed(models, config, device, plan: dict) -> dict:
         if batch in plan["attention_share_batches"]:
             for name, model in models.items():
                 results[name][f"attention_share_b{batch}"] = attention_share(model, inputs, tokens, device)
+        if batch in plan["slot_count_batches"]:
+            for name, model in models.items():
+                for setup in ("static",) if name == "dense" else ("eager", "static"):
+                    read, attended = slots_per_decode_step(model, inputs, tokens, setup, device)
+                    results[name][f"slots_read_b{batch}_{setup}"] = read
+                    results[name][f"slots_attended_b{batch}_{setup}"] = attended
     return results
 
 
@@ -709,6 +781,8 @@ def decode_plan(args) -> dict:
         # A batch-8 prefill takes about 10 s a model on 2 cores.
         "attention_share_batches": (1,) if args.quick else (1, 8),
         "dynamic_cache_batches": (1,) if args.quick else (1, 8),
+        # One more eager generation per model and cache: the KV slots its steps read and attend to.
+        "slot_count_batches": (1,) if args.quick else (1, 8),
         "decode_repeats": decode_repeats,
         # Timed generations of each KV-budget run (4 to 11 rows; with --quick, most of a run is its prefill).
         "kv_budget_repeats": 1 if args.quick else decode_repeats,
@@ -720,7 +794,9 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
     Per model and batch, decode tokens/s against dense LLaVA with a StaticCache in the same run: eager against eager
     (the method's default cache; dense: its DynamicCache), the fixed-capacity cache eagerly, compiled against dense
     compiled, and compiled against the same cache eagerly (dense: its StaticCache; the methods: the fixed-capacity
-    cache), next to the share of a step spent in attention (`attention_share`); then the KV-budget batch and tokens/s
+    cache), next to the share of a step spent in attention (`attention_share`) and the KV slots a step reads and attends
+    to (`slots_per_decode_step`) with the default and the fixed-capacity cache, against dense's StaticCache; then the
+    KV-budget batch and tokens/s
     against dense's, and the FLOPs of a no-cache decode step against dense's.
     """
     dense = absolute["dense"]
@@ -742,6 +818,10 @@ def decode_ratios(absolute: dict, plan: dict) -> dict:
             row[f"b{batch}_compiled"] = over(tps("compiled"), dense.get(f"decode_tps_b{batch}_compiled"))
             row[f"b{batch}_compiled_vs_eager"] = over(tps("compiled"), tps("static"))
             row[f"b{batch}_attention_share"] = values.get(f"attention_share_b{batch}")
+            for kind in ("read", "attended"):
+                dense_slots = dense.get(f"slots_{kind}_b{batch}_static")
+                row[f"b{batch}_slots_{kind}_eager"] = over(values.get(f"slots_{kind}_b{batch}_eager"), dense_slots)
+                row[f"b{batch}_slots_{kind}_fixed"] = over(values.get(f"slots_{kind}_b{batch}_static"), dense_slots)
         if "kv_budget_batch" in values:
             row["kv_budget_batch"] = values["kv_budget_batch"] / dense["kv_budget_batch"]
             row["kv_budget_batch_fixed"] = (
@@ -907,7 +987,8 @@ def main() -> None:
         f"\ndecode (new tokens per batch: {plan['tokens']}) against dense LLaVA with a StaticCache (eager: the method's default "
         "cache, dense's DynamicCache; fixed: the fixed-capacity cache, eager; compiled: against dense compiled; "
         f"compiled_vs_eager: against the same cache eagerly; attention_share: the fraction of a step in attention, not "
-        f"a ratio; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
+        f"a ratio; slots_read / slots_attended: KV slots a step's attention reads / attends to, summed over layers and "
+        f"rows, against dense's StaticCache; KV budget: {BUDGET_BATCH} rows of dense's StaticCache)",
         decode,
         list(next(iter(decode.values()))),
     )

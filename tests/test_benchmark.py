@@ -58,3 +58,29 @@ def test_decode_runs_of_fewer_than_two_tokens_are_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         benchmark.main()
     assert "--decode-tokens and --batch-decode-tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_slots_per_decode_step_are_counted_from_the_masks(base_checkpoints, converted):
+    """Dense LLaVA's StaticCache: every step reads the whole buffer and attends to each row's tokens so far, which the
+    test counts from the prompt's padding. A method's growing and fixed caches attend to the same slots (the same
+    tokens), the fixed one reading its whole buffer."""
+    inputs = inputs_for("llava")  # two rows, left padding 0 and 7
+    (rows, width), tokens = inputs["input_ids"].shape, 6
+    base_model = base_checkpoints[("llava", "hub")][1]
+    layers = base_model.config.text_config.num_hidden_layers
+    read, attended = benchmark.slots_per_decode_step(base_model, inputs, tokens, "static", "cpu")
+    assert read == layers * rows * (width + tokens - 1)
+    prompt_tokens = inputs["attention_mask"].sum(-1)
+    # Decode step k (1 .. tokens - 1) attends to the row's prompt, the k - 1 tokens generated before it, and itself.
+    expected = sum(int(prompt_tokens.sum()) + rows * k for k in range(1, tokens)) * layers / (tokens - 1)
+    assert attended == pytest.approx(expected)
+
+    model = text_sparse_model(converted, "llava")
+    growing_read, growing_attended = benchmark.slots_per_decode_step(model, inputs, tokens, "eager", "cpu")
+    fixed_read, fixed_attended = benchmark.slots_per_decode_step(model, inputs, tokens, "static", "cpu")
+    assert growing_attended == pytest.approx(fixed_attended)
+    assert growing_attended < attended  # the method dropped image tokens
+    cache = model.new_cache(max_cache_len=width + tokens - 1)
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, cache=cache)
+    assert fixed_read == rows * sum(layer.capacity for layer in cache.layers)
+    assert growing_attended <= growing_read < fixed_read
