@@ -95,6 +95,7 @@ class ImageScorePredictor(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.output_mlp[-1].weight.dtype)  # float32 in a half-precision model
         policy = valid.unsqueeze(-1).to(hidden_states.dtype)
         x = self.down_mlp(hidden_states) * policy
         for block in self.transformer:
@@ -124,7 +125,7 @@ class OutputTextScorePredictor(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output_mlp(hidden_states)
+        return self.output_mlp(hidden_states.to(self.output_mlp[-1].weight.dtype))  # float32 in a half model
 
 
 class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
@@ -156,6 +157,10 @@ class DynamicLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     config_class = DynamicLlavaConfig
     config: DynamicLlavaConfig
     new_module_names = ("image_score_predictor", "output_text_score_predictor")
+    # Loaded in half precision, the predictors keep float32 weights and run in float32 on the upcast hidden states:
+    # their scores make the keep decisions (a top-k, a `keep > drop` comparison), which half-precision rounding turns
+    # into ties and flips. They are small next to the language model (8.6M + 2.3M parameters for 7B).
+    _keep_in_fp32_modules_strict = ["image_score_predictor", "output_text_score_predictor"]
 
     def __init__(self, config: DynamicLlavaConfig):
         super().__init__(config)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cache_sparse_llava import SparseCache
@@ -44,10 +45,20 @@ class RoutedStream(TokenStream):
 
 
 class TokenRouter(nn.Linear):
-    """`hidden -> 1` router of a MoD layer (zero-initialised, as in the reference: every weight starts at 1)."""
+    """
+    `hidden -> 1` router of a MoD layer (zero-initialised, as in the reference: every weight starts at 1).
+
+    Its logits are computed in float32 whatever the model's dtype: they rank the tokens, and in bfloat16 (8 bits of
+    mantissa) hundreds of vision tokens' logits tie, so the tie-break by position, not the router, would pick the
+    kept tokens. The reference ranks in the model's dtype and has these ties; its notes advise ranking the raw logits
+    instead (p_mod.md 7.5). In float32 models nothing changes.
+    """
 
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, 1, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
 
 
 class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
@@ -60,6 +71,8 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     config_class = PMoDConfig
     config: PMoDConfig
     new_module_names = ("routers",)
+    # Loaded in half precision, the routers keep their float32 weights (they are tiny): see `TokenRouter`.
+    _keep_in_fp32_modules_strict = ["routers"]
 
     def __init__(self, config: PMoDConfig):
         super().__init__(config)
@@ -112,6 +125,7 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             raise ValueError("p-MoD layers expect the full token stream")
         x = stream.hidden_states
         routed = self.routed(stream)
+        # TanhNorm in float32, as the router's logits; it is cast to the model's dtype only where it scales states.
         weight = 1 + self.config.router_weight_scale * torch.tanh(stream.router_logits)
 
         # The decoder layer on the kept tokens only (their K/V alone enter this layer's cache).

@@ -1,5 +1,6 @@
 """p-MoD: schedule, routing, STRing, ragged cache, and cost against dense LLaVA."""
 
+import copy
 import math
 
 import numpy
@@ -56,6 +57,8 @@ def pmod_from(base_model, seed=0, **overrides):
     with torch.no_grad():
         for parameter in model.routers.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    # The base's generation settings, as a conversion carries them (they suppress the image placeholder token).
+    model.generation_config = copy.deepcopy(base_model.generation_config)
     return model
 
 
