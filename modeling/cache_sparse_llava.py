@@ -441,7 +441,9 @@ class SparseCache(Cache):
             for _ in range(num_layers)
         ]
         super().__init__(layers=layers)
-        self._incoming: IncomingChunk | None = None
+        # The chunk announced to the next `update`, in a list: torch 2.13's dynamo drops stores to attributes of plain
+        # Python objects traced after a flex_attention call (a compiled flex decode step), and keeps those into a list.
+        self._incoming: list[IncomingChunk | None] = [None]
         # [layer, count, batch] running sums of the models' token counts (see `record`).
         self.token_stats: torch.Tensor | None = None
         # The token ids of the conversation the cache holds, as far as `generate()` fed them (None: not known), so
@@ -465,12 +467,12 @@ class SparseCache(Cache):
         """Announce the chunk the next `update` of `layer_idx` receives; returns the layer's 2-D attention mask."""
         layer = self.layers[layer_idx]
         layer.prepare(chunk)
-        self._incoming = chunk
+        self._incoming[0] = chunk
         return layer.visible_slots(chunk)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         # Taken, not kept: the cache holds no reference to a step's tensors between steps.
-        chunk, self._incoming = self._incoming, None
+        chunk, self._incoming[0] = self._incoming[0], None
         if chunk is None:
             raise RuntimeError("SparseCache.update called without begin_chunk(): use it with a sparse-llava model")
         return self.layers[layer_idx].update(key_states, value_states, chunk)

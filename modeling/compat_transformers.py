@@ -32,7 +32,11 @@ checks each one and fails with a message naming it when a release changes it:
    `causal_mask_function` of `transformers.masking_utils`; and the masks the sdpa and eager backends take for a
    single query (`[batch, 1, 1, slots]`, bool True-where-attended / additive float), which decode steps build directly
    (`single_query_mask`), and which those backends also take per head (`[batch, heads, 1, slots]`: YOPO's pruned
-   heads);
+   heads); the flash backends' mask, the 2-D key mask (`masking_utils.flash_attention_mask`), whose unpadding
+   (`modeling_flash_attention_utils._upad_input`) takes the queries as the mask's last columns and aligns causality
+   bottom right; and the flex backend's, a `torch.nn.attention.flex_attention.BlockMask` that
+   `integrations.flex_attention.flex_attention_forward` passes to `flex_attention` as it is (sparse-llava builds it
+   with torch's public `create_block_mask`, see `flex_block_mask`);
 5. the decoder layer's call, `LlamaDecoderLayer(hidden_states, attention_mask, <CACHE_NAME>=, use_cache=,
    position_embeddings=)`, and its attention's, `LlamaAttention(hidden_states, position_embeddings, attention_mask,
    <CACHE_NAME>=) -> (output, weights)`, which call `cache.update(keys, values, layer_idx, ...)`;
@@ -87,6 +91,7 @@ def check_transformers_version(version: str) -> None:
 
 check_transformers_version(transformers.__version__)
 
+from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 from transformers import LlavaNextConfig  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
@@ -189,6 +194,25 @@ def attention_backend(config) -> str:
     return config._attn_implementation
 
 
+def is_flash_backend(backend: str) -> bool:
+    """
+    Whether `backend` is a flash-attention backend (`flash_attention_2/3/4`, or a `kernels` hub kernel such as
+    "kernels-community/flash-attn2"): by name, as transformers 5.x's `is_flash_attention_requested` decides. Their mask
+    is the 2-D key mask alone; anything else a layer's mask holds cannot reach them.
+    """
+    return backend is not None and "flash" in backend
+
+
+def flex_block_mask(mask_function, batch_size: int, num_heads: int | None, query_length: int, key_length: int, device):
+    """
+    The flex_attention `BlockMask` of `mask_function(batch_idx, head_idx, q_idx, kv_idx)` (indices in the layer's
+    physical slots; `num_heads=None`: the same for every head), built on the device without host synchronisation.
+    transformers' own `flex_attention_mask` is not used: it compiles the mask construction for every new shape (each
+    layer and decode step of a growing cache has its own), and 5.x checks the padding mask on the host.
+    """
+    return create_block_mask(mask_function, batch_size, num_heads, query_length, key_length, device=device)
+
+
 def checkpointed_call(decoder_layer, function, *args):
     """
     `function(*args)` under the activation checkpointing `gradient_checkpointing_enable()` set up for
@@ -210,8 +234,26 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
     transformers' causal mask for decoder layer `layer_idx` of a cache whose layers differ in length, in the layer's
     physical index space: queries start at `cache.get_query_offset(layer_idx)`, keys are sized by the layer's
     `get_mask_sizes`. `skip_allowed`: whether the mask may be replaced by `is_causal` when it allows that (checking
-    reads the mask on the host).
+    reads the mask on the host). `and_mask_function` gets the physical query index, as transformers passes it.
+    The flash backends' mask is the 2-D key mask alone: they cannot take an `and_mask_function` (the caller refuses).
+    For flex_attention, a `BlockMask` (see `flex_block_mask`).
     """
+    if attention_backend(config) == "flex_attention":
+        query_length = inputs_embeds.shape[1]
+        # The layer's slots are its past ones, then the chunk's: a chunk's queries sit at its last columns.
+        past_slots = attention_mask.shape[1] - query_length
+        slots_valid = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+
+        def causal_valid(batch_idx, head_idx, q_idx, kv_idx):
+            query_slot = q_idx + past_slots
+            visible = slots_valid[batch_idx, kv_idx] & (kv_idx <= query_slot)
+            if and_mask_function is not None:
+                visible = visible & and_mask_function(batch_idx, head_idx, query_slot, kv_idx)
+            return visible
+
+        return flex_block_mask(
+            causal_valid, inputs_embeds.shape[0], None, query_length, attention_mask.shape[1], inputs_embeds.device
+        )
     if IS_TRANSFORMERS_V5:
         return create_causal_mask(
             config=config,
@@ -248,13 +290,31 @@ def create_layer_causal_mask(config, inputs_embeds, attention_mask, cache, layer
 def single_query_mask(config, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """
     The mask of a single query placed after every slot, which may see the slots `visible[batch, slots]` allows (or,
-    per head, `visible[batch, heads, slots]`), as the sdpa and eager backends take it (`[batch, 1 or heads, 1,
-    slots]`: bool, True where attended, for sdpa; additive float for eager), which is what `create_causal_mask` builds
-    there. Built directly because a decode step needs it in every layer, where `create_causal_mask`'s general
-    machinery costs more than the layer's attention. None for other backends: use `create_layer_causal_mask`.
+    per head, `visible[batch, heads, slots]`), as the backend takes it: `[batch, 1 or heads, 1, slots]`, bool, True
+    where attended, for sdpa; additive float for eager (what `create_causal_mask` builds there); a `BlockMask` for
+    flex_attention, whose empty blocks the kernel skips; the 2-D key mask for the flash backends (`visible` itself:
+    their unpadding reads only the visible slots). Built directly, on the device and without host synchronisation,
+    because a decode step needs it in every layer, where `create_causal_mask`'s general machinery costs more than the
+    layer's attention (and, for flash and flex, reads the mask on the host). None for other backends (use
+    `create_layer_causal_mask`); flash refuses per-head visibility, which it cannot take.
     """
     backend = attention_backend(config)
-    mask = visible[:, None, None, :] if visible.dim() == 2 else visible[:, :, None, :]
+    per_head = visible.dim() == 3
+    if backend == "flex_attention":
+
+        def slot_visible(batch_idx, head_idx, q_idx, kv_idx):
+            return visible[batch_idx, head_idx, kv_idx] if per_head else visible[batch_idx, kv_idx]
+
+        heads = visible.shape[1] if per_head else None
+        return flex_block_mask(slot_visible, visible.shape[0], heads, 1, visible.shape[-1], visible.device)
+    if is_flash_backend(backend):
+        if per_head:
+            raise ValueError(
+                f"per-head attention masks cannot be expressed by {backend}; use attn_implementation='sdpa' or "
+                "'flex_attention'"
+            )
+        return visible
+    mask = visible[:, :, None, :] if per_head else visible[:, None, None, :]
     if backend == "sdpa":
         return mask
     if backend == "eager":

@@ -30,6 +30,7 @@ from .compat_transformers import (
     attention_backend,
     create_layer_causal_mask,
     generation_step_inputs,
+    is_flash_backend,
     per_image_features,
     register_checkpoint_keys,
     single_query_mask,
@@ -230,7 +231,9 @@ class SparseLlavaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     _skip_keys_device_placement = [CACHE_NAME]
+    # Every backend is exact or refused with one line naming the backend to use instead (see `layer_attention_mask`).
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
     # The loss may include per-batch regularisers, so it is a mean over the batch, not a sum to be divided by the
@@ -746,6 +749,11 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         Within a multi-token chunk, slots that are not admitted are hidden from the other tokens (each still sees
         itself), as if the chunk had been fed one token at a time. With a cache, this also announces the chunk to the
         cache (which slots it will store).
+
+        Backends: sdpa and eager take every mask as a tensor, flex_attention as a `BlockMask` of a mask function
+        (validity, causality, admission, per-head visibility). The flash backends take the 2-D key mask alone, which
+        their unpadding honours (slot validity, padding); admission inside a multi-token chunk, which it cannot hold,
+        is refused.
         """
         if stream.key_policy is not None:
             return self.policy_attention_mask(stream, cache)
@@ -768,6 +776,12 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
                 return mask
         admission_mask = None
         if stream.admit is not None and chunk_length > 1:
+            backend = attention_backend(self.config.get_text_config())
+            if is_flash_backend(backend):
+                raise ValueError(
+                    f"{type(self).__name__}: admission inside a multi-token chunk (generated tokens fed back at once) "
+                    f"cannot be expressed by {backend}; use attn_implementation='sdpa' or 'flex_attention'"
+                )
             past_admitted = torch.ones_like(slots_valid[:, :past_slots])
             admitted = torch.cat([past_admitted, stream.admit], dim=-1)
 
@@ -800,12 +814,14 @@ class SparseLlavaForConditionalGeneration(SparseLlavaPreTrainedModel, Generation
         reaches p. It is computed as the additive float mask `log(G + eps)`, which eager and SDPA attention take as is
         (eps plays the role of the reference's, keeping the gradient finite where p = 0).
         """
-        attn_implementation = attention_backend(self.config.get_text_config())
-        if cache is not None or attn_implementation not in ("eager", "sdpa"):
+        backend = attention_backend(self.config.get_text_config())
+        if backend not in ("eager", "sdpa"):
             raise ValueError(
-                "a keep policy (training forward) needs attn_implementation 'eager' or 'sdpa' and no cache, got "
-                f"{attn_implementation!r}" + (" with a cache" if cache is not None else "")
+                f"{type(self).__name__}: the training keep policy (a float attention mask) cannot be expressed by "
+                f"{backend}; use attn_implementation='sdpa' or 'eager'"
             )
+        if cache is not None:
+            raise ValueError("a keep policy (training forward) runs without a cache: pass use_cache=False")
         policy = stream.key_policy[:, None, :]
         length = policy.shape[-1]
         diagonal = torch.eye(length, dtype=policy.dtype, device=policy.device)

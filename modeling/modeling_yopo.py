@@ -16,7 +16,10 @@ softmax) are reproduced: vision keys are then computed in every layer and head, 
 value is what "weight zeroed after the softmax" means, so the cache stores zeros there and decoding runs unchanged.
 
 Attention in the YOPO layers runs through `torch.nn.functional.scaled_dot_product_attention` with per-head masks (text
-queries over every slot, vision queries per window tile), whatever `attn_implementation` says.
+queries over every slot, vision queries per window tile), whatever `attn_implementation` says. Other layers, and decode
+steps, run transformers' attention with the configured backend; a decode step whose pruned heads must not read cached
+vision keys hands it a per-head mask (sdpa, eager; flex_attention: a `BlockMask` whose mask function reads the head
+index). The flash backends cannot take one, so there those steps run through the YOPO layer too.
 """
 
 from contextlib import nullcontext
@@ -150,8 +153,9 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
 
     config_class = YopoConfig
     config: YopoConfig
-    # Pruned heads need per-head masks, which flash-attention kernels do not take.
-    _supports_flash_attn = False
+    # Pruned heads need per-head masks, which flash-attention kernels do not take: under flash, the layers that need
+    # them compute their attention in the YOPO layer (SDPA), so every case stays exact (see the module docstring).
+    _supports_flash_attn = True
 
     def __init__(self, config: YopoConfig):
         super().__init__(config)
@@ -319,10 +323,11 @@ class YopoLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
             return self.yopo_layer(layer_idx, decoder_layer, stream, layout, cache)
         if self.pruned_heads_hold_vision(layer_idx, cache):
             # Text reading cached vision keys that some heads must not see. A decode step runs transformers' own layer
-            # with a per-head mask (`decode_step_visibility`), which the sdpa and eager backends take; a multi-token
-            # chunk, or another backend, goes through the YOPO layer.
+            # with a per-head mask (`decode_step_visibility`), which the sdpa, eager and flex backends take; a
+            # multi-token chunk, or another backend (flash), goes through the YOPO layer.
             decode_step = stream.hidden_states.shape[1] == 1
-            if not (decode_step and attention_backend(self.config.get_text_config()) in ("sdpa", "eager")):
+            per_head_backends = ("sdpa", "eager", "flex_attention")
+            if not (decode_step and attention_backend(self.config.get_text_config()) in per_head_backends):
                 return self.yopo_layer(layer_idx, decoder_layer, stream, self.text_only_layout(stream), cache)
         return super().run_layer(layer_idx, decoder_layer, stream, cache, **kwargs)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_attention_backends import reference_flash_kernels, run_flex_uncompiled  # noqa: F401  (a fixture)
 from transformers import AutoModelForImageTextToText
 
 import sparse_llava
@@ -165,12 +166,15 @@ def test_hook_single_query_mask_is_the_backends_mask(backend, max_cache_len):
         cache.update(states[:, :, :1], states[:, :, :1], 0)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_hook_backends_take_a_per_head_single_query_mask(backend):
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex_attention"])
+def test_hook_backends_take_a_per_head_single_query_mask(backend, monkeypatch):
     """
     YOPO's decode steps hand transformers' attention a per-head mask (`[batch, heads, 1, slots]`, from
-    `single_query_mask`): each head must attend to exactly the slots its row of the mask allows.
+    `single_query_mask`; for flex_attention a `BlockMask`, which `flex_attention_forward` passes on as it is): each
+    head must attend to exactly the slots its row of the mask allows.
     """
+    if backend == "flex_attention":
+        run_flex_uncompiled(monkeypatch)  # inductor's CPU kernel is not under test
     from transformers import DynamicCache, LlamaConfig
     from transformers.models.llama.modeling_llama import (
         LlamaAttention,
@@ -386,3 +390,38 @@ def test_missing_new_modules_are_refused_unless_asked_for(base_checkpoints, conv
     )
     assert info["missing_keys"] and all(key.split(".")[0] in model.new_module_names for key in info["missing_keys"])
     assert json.loads((converted("llava") / "config.json").read_text())["model_type"] == "dynamic_llava"
+
+
+@pytest.mark.usefixtures("reference_flash_kernels")
+def test_hook_flash_backends_honour_the_2d_key_mask():
+    """
+    The flash backends take a layer's mask as the 2-D key mask (`flash_attention_mask`), and their unpadding places a
+    chunk's queries at its last columns with causality aligned bottom right: exact for slots with holes and padding.
+    Run through transformers' flash path on reference kernels of flash-attn's semantics.
+    """
+    from transformers import DynamicCache, LlamaConfig
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, repeat_kv, rotate_half
+
+    assert ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"] is flash_attention_mask, f"{RELEASE}: flash masks"
+    config = LlamaConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    config._attn_implementation = "flash_attention_2"
+    torch.manual_seed(0)
+    attention = LlamaAttention(config, layer_idx=0).eval()
+    hidden = torch.randn(2, 8, 16)
+    cos, sin = LlamaRotaryEmbedding(config)(hidden, torch.arange(8).expand(2, -1))
+    valid = torch.tensor([[True, False, True, True, False, False, True, True], [True] * 8])  # holes; a padded query
+    cache = DynamicCache()
+    with torch.no_grad():
+        past = (cos[:, :5], sin[:, :5])
+        attention(hidden[:, :5], past, valid[:, :5], **{CACHE_NAME: cache})
+        actual, _ = attention(hidden[:, 5:], (cos[:, 5:], sin[:, 5:]), valid, **{CACHE_NAME: cache})
+        keys, values = (repeat_kv(states, 2) for states in (cache.layers[0].keys, cache.layers[0].values))
+        query = attention.q_proj(hidden[:, 5:]).view(2, 3, 4, 4).transpose(1, 2)
+        query = query * cos[:, None, 5:] + rotate_half(query) * sin[:, None, 5:]
+        causal = torch.arange(8)[None, :] <= torch.arange(5, 8)[:, None]
+        allowed = valid[:, None, None, :] & causal
+        scores = (query @ keys.transpose(-1, -2) * attention.scaling).masked_fill(~allowed, -torch.inf)
+        expected = attention.o_proj((scores.softmax(-1) @ values).transpose(1, 2).flatten(2))
+    queries = valid[:, 5:]
+    assert (actual - expected)[queries].abs().max() <= 1e-5, f"{RELEASE}: flash attention's unpadding changed"
