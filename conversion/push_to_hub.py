@@ -278,7 +278,7 @@ def _unchanged_on_the_hub(api, repo_id: str, head: str | None, earlier: dict[str
     """The files of `earlier` whose content at commit `head` is still what this tool uploaded (others: a note)."""
     if not earlier:
         return []
-    from huggingface_hub import RepoFile
+    from huggingface_hub.hf_api import RepoFile
 
     unchanged = []
     for remote in api.get_paths_info(repo_id, sorted(earlier), revision=head):  # paths no longer there are left out

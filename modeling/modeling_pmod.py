@@ -71,14 +71,17 @@ class PMoDLlavaForConditionalGeneration(SparseLlavaForConditionalGeneration):
     config_class = PMoDConfig
     config: PMoDConfig
     new_module_names = ("routers",)
-    # Loaded in half precision, the routers keep their float32 weights (they are tiny): see `TokenRouter`.
-    _keep_in_fp32_modules_strict = ["routers"]
 
     def __init__(self, config: PMoDConfig):
         super().__init__(config)
         hidden_size = config.text_config.hidden_size
         self.routers = nn.ModuleDict({str(layer): TokenRouter(hidden_size) for layer in config.mod_layers})
         self.post_init()
+        if config.mod_layers:
+            # Loaded in half precision, the routers keep their float32 weights (they are tiny): see `TokenRouter`. Set
+            # on the instance, after `post_init`: transformers 4.57 refuses a class-level entry that names no parameter
+            # (a model without MoD layers has no router).
+            self._keep_in_fp32_modules_strict = {*(self._keep_in_fp32_modules_strict or ()), "routers"}
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -51,7 +51,7 @@ class RecordingApi:
 
     def _get_paths_info(self, repo_id, paths, revision=None):
         """As the Hub answers: the files that exist (others left out), LFS ones as the Hub's default .gitattributes."""
-        from huggingface_hub import RepoFile
+        from huggingface_hub.hf_api import RepoFile
 
         assert revision == self.head, "paths read at another commit than the manifest"
         infos = []
