@@ -91,7 +91,6 @@ def check_transformers_version(version: str) -> None:
 
 check_transformers_version(transformers.__version__)
 
-from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 from transformers import LlavaNextConfig  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer  # noqa: E402
@@ -210,6 +209,8 @@ def flex_block_mask(mask_function, batch_size: int, num_heads: int | None, query
     transformers' own `flex_attention_mask` is not used: it compiles the mask construction for every new shape (each
     layer and decode step of a growing cache has its own), and 5.x checks the padding mask on the host.
     """
+    from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5, asked for by flex_attention only
+
     return create_block_mask(mask_function, batch_size, num_heads, query_length, key_length, device=device)
 
 
